@@ -1,0 +1,40 @@
+# visionpipe: `make run` trains and registers on the embedded defaults; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+export VISIONPIPE_HOME ?= $(CURDIR)/.visionpipe
+# Prefect's ephemeral API database and its result store live in the same state folder.
+export PREFECT_HOME ?= $(VISIONPIPE_HOME)/prefect
+export PREFECT_RESULTS_PERSIST_BY_DEFAULT ?= true
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_LOGGING_LEVEL ?= INFO
+export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
+# This machine has 2 cores; more threads than cores only slows torch down.
+export OMP_NUM_THREADS ?= 2
+
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-unit clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# torch and torchvision first, pinned to the builds on this machine's disk (CPU or CUDA wheel).
+	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	mkdir -p $(PREFECT_HOME)
+	$(VENV)/bin/python -m flows.train_image_classifiers
+
+test: $(STAMP)
+	mkdir -p $(PREFECT_HOME)
+	$(VENV)/bin/python -m pytest
+
+test-unit: $(STAMP)
+	$(VENV)/bin/python -m pytest tests/unit
+
+clean:
+	rm -rf $(VISIONPIPE_HOME)

@@ -1,0 +1,1 @@
+"""Prefect flows: each reads as the table of contents of its DAG."""

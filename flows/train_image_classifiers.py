@@ -1,0 +1,69 @@
+"""The training pipeline: dataset, weights, two candidates, evaluation, registry."""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+from prefect.client.schemas.objects import Flow, FlowRun, State
+
+from tasks.data import log_dataset, prepare_dataset_task
+from tasks.evaluate import evaluate_candidates
+from tasks.register import register_model
+from tasks.tracking import close_tracking_run, open_tracking_run
+from tasks.train import finetune_backbone, train_googlenet
+from tasks.weights import fetch_pretrained_weights
+from visionpipe import registry, settings, tracking
+from visionpipe.config import PipelineConfig, quickstart
+from visionpipe.summary import PipelineSummary
+
+
+def _fail_tracking_runs(flow_: Flow, flow_run: FlowRun, state: State) -> None:
+    tracking.fail_runs_of_flow_run(str(flow_run.id))
+
+
+@flow(name="train-image-classifiers", on_failure=[_fail_tracking_runs],
+      on_crashed=[_fail_tracking_runs])
+def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> PipelineSummary:  # noqa: B008
+    """Train image classifiers and register the best one.
+
+    1. open-tracking-run: one MLflow parent run for this flow run
+    2. prepare-dataset: ingest, validate, split, version (cached on the source)
+    3. fetch-pretrained-weights: verified and cached
+    4. finetune-backbone: head on a frozen backbone, then everything
+       train-googlenet: Inception v1 from scratch, DDP under torchrun (alongside)
+    5. evaluate-candidates: the same held-out test split for all
+    6. register-model: a version per candidate; the champion alias moves only for a better one
+    """
+    context = open_tracking_run(config)
+    dataset = prepare_dataset_task(config.data)
+    log_dataset(dataset, context)
+    weights = fetch_pretrained_weights(config.weights, config.finetune.arch)
+    finetuned = finetune_backbone.submit(config.finetune, dataset, weights, context)
+    scratch = train_googlenet.submit(config.googlenet, dataset, context) if config.googlenet.enabled else None
+    candidates = [f.result() for f in (finetuned, scratch) if f is not None]
+    evaluations = evaluate_candidates(candidates, dataset, config.evaluation, context)
+    decision = register_model(candidates, evaluations, dataset, config.registry,
+                              config.model_name, context)
+    close_tracking_run(context)
+    return PipelineSummary(
+        model_name=config.model_name, dataset_version=dataset.version,
+        metrics={e.candidate: e.metrics for e in evaluations}, decision=decision,
+        champion_version=registry.champion_version(config.model_name, config.registry.alias),
+        mlflow_ui=tracking.mlflow_ui_command(), tracking_uri=tracking.redact(settings.tracking_uri()),
+        random_init=weights.random_init,
+    )
+
+
+def main(argv: list[str]) -> int:
+    """``make run``: the quickstart configuration, or a JSON config file given as argument."""
+    config = quickstart()
+    if argv:
+        config = PipelineConfig.model_validate_json(open(argv[0]).read())
+    summary = train_image_classifiers(config)
+    print(summary.render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,234 @@
+"""Typed configuration, one model per stage, flowing from the Prefect form down to the loops.
+
+Every model is a pydantic ``BaseModel``: Prefect renders it as the UI form, the flow validates it
+at its edge, the DDP worker receives it as JSON and every checkpoint and MLflow run records it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Arch = Literal["resnet18", "resnet34", "resnet50"]
+
+
+class _Config(BaseModel):
+    # Unknown keys are a typo in a form or a JSON file: refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Config):
+    """What to ingest and how to split it."""
+
+    source: str = Field(
+        "digits",
+        description="'digits' (bundled, offline), 'cifar10' (downloaded), an ImageFolder "
+        "directory, or an ImageFolder under s3://bucket/prefix.",
+    )
+    name: str | None = Field(None, description="Dataset name; derived from the source if empty.")
+    image_size: int = Field(
+        32, ge=8, le=1024,
+        # Digits are 8x8; 32 is the smallest size at which ResNet's 32x downsampling still
+        # leaves a 1x1 map for the pooling layer.
+        description="Side of the square image the models see.",
+    )
+    seed: int = Field(0, description="Seed of the stratified split.")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    min_per_class: int = Field(
+        5, ge=3, description="Each class needs one image per split at least; refuse fewer."
+    )
+    max_per_class: int | None = Field(
+        None, ge=3, description="Keep at most this many images per class (quick runs, tests)."
+    )
+
+    @property
+    def dataset_name(self) -> str:
+        if self.name:
+            return self.name
+        src = self.source.rstrip("/")
+        return src.rsplit("/", 1)[-1] or "dataset"
+
+
+class WeightsConfig(_Config):
+    """Where the pretrained backbone weights come from."""
+
+    uri: str = Field(
+        "torchvision:resnet50.IMAGENET1K_V2",
+        description="torchvision:<arch>.<WEIGHTS>, https://..., s3://..., file://... or "
+        "models:/<name>@<alias>.",
+    )
+    sha256: str | None = Field(
+        None, description="Expected full sha256; torchvision's file-name prefix is checked if empty."
+    )
+    on_unavailable: Literal["fail", "random-init"] = Field(
+        "fail", description="What to do when no source answers: fail, or train from random init."
+    )
+    attempts: int = Field(4, ge=1, le=10, description="Download attempts on network errors.")
+    timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        value = value.lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("sha256 must be 64 hex digits (the full digest, not a prefix)")
+        return value
+
+
+class Phase(_Config):
+    """One fine-tuning phase: which modules train, for how long, at what learning rate."""
+
+    name: str
+    trainable: list[str] = Field(
+        description="Module name prefixes that train; ['*'] unfreezes everything."
+    )
+    epochs: int = Field(gt=0)
+    lr: float = Field(gt=0, description="Learning rate of the head (modules named by head_modules).")
+    backbone_lr_fraction: float = Field(
+        0.1, gt=0, le=1, description="Backbone learning rate as a fraction of lr."
+    )
+    warmup_epochs: float = Field(0.0, ge=0)
+
+
+def _default_phases() -> list[Phase]:
+    # AdamW rates. The head phase is cheap (cached features); the full phase gives the backbone
+    # half the head's rate: enough to adapt ImageNet features to small grey digits, or to train
+    # a randomly initialised backbone when no weights were reachable (then the head phase is skipped).
+    return [
+        Phase(name="head", trainable=["fc"], epochs=2, lr=2e-3),
+        Phase(name="full", trainable=["*"], epochs=4, lr=2e-3, backbone_lr_fraction=0.5,
+              warmup_epochs=0.5),
+    ]
+
+
+class OptimConfig(_Config):
+    """Optimizer and loss settings shared by both candidates."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class FinetuneConfig(_Config):
+    """Transfer learning of a torchvision backbone with a new head."""
+
+    arch: Arch = "resnet50"
+    phases: list[Phase] = Field(default_factory=_default_phases)
+    batch_size: int = Field(64, gt=0)
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(optimizer="adamw", weight_decay=0.01)
+    )
+    augment: bool = Field(False, description="Random crops of training images.")
+    cache_frozen_features: bool = Field(
+        True, description="In a head-only phase without augmentation, compute the frozen "
+        "backbone's features once instead of every epoch (same head, a fraction of the time).",
+    )
+    early_stopping_patience: int = Field(
+        3, ge=1, description="Stop a phase after this many epochs without a better val score."
+    )
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("phases")
+    @classmethod
+    def _phases_named_once(cls, phases: list[Phase]) -> list[Phase]:
+        if not phases:
+            raise ValueError("at least one phase is needed, e.g. head then full")
+        names = [p.name for p in phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique, got {names}")
+        return phases
+
+
+class LaunchConfig(_Config):
+    """How torchrun starts the DDP worker; multi-node is configuration, not a rewrite."""
+
+    nproc_per_node: int | None = Field(
+        None, ge=1, description="Processes per node; the visible GPUs, or 2 on a CPU machine."
+    )
+    nnodes: str = Field("1", description="Node count or elastic range 'min:max'.")
+    node_rank: int = Field(0, ge=0)
+    rdzv_backend: str = "c10d"
+    rdzv_endpoint: str = Field("127.0.0.1:0", description="host:port; port 0 picks a free port.")
+    rdzv_id: str | None = None
+    max_restarts: int = Field(0, ge=0)
+    timeout_s: float = Field(1800.0, gt=0, description="The task kills the launch after this.")
+
+    @field_validator("nnodes")
+    @classmethod
+    def _nnodes(cls, value: str) -> str:
+        parts = value.split(":")
+        if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError("nnodes must be a positive count or a 'min:max' range, e.g. '2:4'")
+        return value
+
+
+class GoogLeNetConfig(_Config):
+    """GoogLeNet (Inception v1) from scratch, trained with DistributedDataParallel."""
+
+    enabled: bool = True
+    epochs: int = Field(8, gt=0)
+    batch_size: int = Field(64, gt=0, description="Per process.")
+    lr: float = Field(0.05, gt=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(label_smoothing=0.1))
+    aux_weight: float = Field(0.3, ge=0, description="Weight of each auxiliary loss in training.")
+    small_input_stem: bool = Field(
+        True,
+        description="Drop the stem's first max-pool (it has no weights, so the state dict stays "
+        "torchvision's): a 32x32 image then reaches the last inception blocks as 2x2, not 1x1.",
+    )
+    sync_batchnorm: bool = False
+    augment: bool = False
+    seed: int = 0
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+
+class EvalConfig(_Config):
+    batch_size: int = Field(256, gt=0)
+
+
+class RegistryConfig(_Config):
+    """Where candidates are registered and when the champion alias moves."""
+
+    model_name: str | None = Field(None, description="Registered model; '<dataset>-classifier' if empty.")
+    champion_metric: Literal["top1", "macro_f1"] = "top1"
+    alias: str = "champion"
+
+
+class PipelineConfig(_Config):
+    """Parameters of the ``train-image-classifiers`` flow (the Prefect UI form)."""
+
+    experiment: str = "visionpipe"
+    data: DataConfig = Field(default_factory=DataConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    googlenet: GoogLeNetConfig = Field(default_factory=GoogLeNetConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @model_validator(mode="after")
+    def _weights_match_arch(self) -> PipelineConfig:
+        uri = self.weights.uri
+        if uri.startswith("torchvision:"):
+            weights_arch = uri.split(":", 1)[1].split(".", 1)[0]
+            if weights_arch != self.finetune.arch:
+                raise ValueError(
+                    f"weights {uri!r} are for {weights_arch} but finetune.arch is "
+                    f"{self.finetune.arch!r}; use torchvision:{self.finetune.arch}.<WEIGHTS>"
+                )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name or f"{self.data.dataset_name}-classifier"
+
+
+def quickstart() -> PipelineConfig:
+    """The offline configuration ``make run`` uses: digits, random init when hubs are unreachable."""
+    return PipelineConfig(weights=WeightsConfig(on_unavailable="random-init"))

@@ -1,0 +1,86 @@
+"""Decode and preprocess images identically for training and serving.
+
+The MLflow pyfunc model imports this module at serving time, so it depends only on torch,
+torchvision, PIL and numpy: whatever bytes a client sends go through the same conversion as the
+training images did.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms.v2 import functional as tvf
+
+# ImageNet statistics: the pretrained backbones expect inputs normalised with them.
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+ImageSource = str | os.PathLike[str] | bytes | bytearray | BinaryIO
+
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def open_image(source: ImageSource) -> Image.Image:
+    """Decode a file, a byte string or a binary stream into an 8-bit RGB image.
+
+    Raises PIL's ``UnidentifiedImageError`` / ``OSError`` for data that is not a whole image.
+    """
+    stream = io.BytesIO(bytes(source)) if isinstance(source, bytes | bytearray) else source
+    with Image.open(stream) as img:
+        img.load()
+        # Phone cameras store rotation in EXIF; apply it so a photo looks the same everywhere.
+        upright = ImageOps.exif_transpose(img)
+    return to_rgb(upright)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: high bit depths rescaled, transparency composited on black."""
+    if img.mode in _SIXTEEN_BIT or img.mode == "F":
+        img = _to_8bit_gray(img)
+    if img.mode == "La":  # premultiplied; Pillow converts it to nothing but LA
+        img = img.convert("LA")
+    if img.mode in _ALPHA or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _to_8bit_gray(img: Image.Image) -> Image.Image:
+    """Rescale a 16/32-bit integer or float image to 8-bit gray instead of clipping at 255.
+
+    Integer images (``I;16*`` and ``I``, which is how several decoders hand over 16-bit data) map
+    0..65535 to 0..255; float images (``F``) map 0.0..1.0 to 0..255.
+    """
+    values = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        scaled = np.clip(values, 0.0, 1.0) * 255.0
+    else:
+        scaled = np.clip(values, 0.0, 65535.0) / 257.0
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
+def to_uint8_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
+    """An RGB image as a ``3 x image_size x image_size`` uint8 tensor, resized with antialiasing.
+
+    The image is stretched to the square rather than cropped, so no part of it is lost.
+    """
+    if img.mode != "RGB":
+        img = to_rgb(img)
+    tensor = tvf.pil_to_tensor(img)  # 3 x H x W, uint8
+    if tuple(tensor.shape[-2:]) != (image_size, image_size):
+        tensor = tvf.resize(tensor, [image_size, image_size], antialias=True)
+    return tensor.contiguous()
+
+
+def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images (``N x 3 x S x S`` or ``3 x S x S``) to float32 normalised with MEAN and STD."""
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=batch_uint8.device).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=batch_uint8.device).view(3, 1, 1)
+    return (batch_uint8.to(torch.float32) / 255.0 - mean) / std

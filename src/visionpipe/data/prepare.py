@@ -1,0 +1,106 @@
+"""The prepare-dataset stage: source -> validated images -> versioned, split manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel
+
+from visionpipe.config import DataConfig
+from visionpipe.data.errors import DatasetError
+from visionpipe.data.manifest import SPLITS, build_manifest, dataset_version, write_manifest
+from visionpipe.data.sources import listing_fingerprint, materialize_source
+from visionpipe.data.validate import ValidationReport, validate_images
+from visionpipe.settings import cache_dir
+
+log = logging.getLogger(__name__)
+
+# Part of every source fingerprint: bump it when preparation changes what it produces.
+PREPARE_VERSION = "1"
+
+
+class PreparedDataset(BaseModel):
+    """A prepared dataset, small enough to pass between tasks and to a DDP worker as JSON."""
+
+    name: str
+    version: str
+    root: str  # the ImageFolder root that manifest paths are relative to
+    manifest_path: str
+    report_path: str
+    class_names: list[str]
+    num_classes: int
+    split_counts: dict[str, int]
+    image_size: int
+
+    def is_available(self) -> bool:
+        """Whether the manifest and the image root still exist (a cached result may be stale)."""
+        return Path(self.manifest_path).is_file() and Path(self.root).is_dir()
+
+
+def prepare_dataset(cfg: DataConfig) -> PreparedDataset:
+    """Materialize, validate, split and version the dataset that ``cfg`` describes."""
+    name = safe_name(cfg.dataset_name)
+    materialized = materialize_source(cfg.source, cfg.max_per_class, cfg.seed)
+    records, validation = validate_images(materialized, cfg.min_per_class)
+    manifest = build_manifest(records, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    version = dataset_version(manifest)
+    split_counts = {split: int((manifest["split"] == split).sum()) for split in SPLITS}
+    report = _report(cfg, name, version, str(materialized.root), validation, manifest)
+    folder = cache_dir("datasets") / name / version
+    manifest_path, report_path = write_manifest(manifest, report, folder)
+    class_names = sorted(validation.per_class)
+    log.info("dataset %s@%s: %d classes, splits %s, %d files excluded", name, version,
+             len(class_names), split_counts, len(validation.excluded))
+    return PreparedDataset(
+        name=name, version=version, root=str(materialized.root),
+        manifest_path=str(manifest_path), report_path=str(report_path),
+        class_names=class_names, num_classes=len(class_names),
+        split_counts=split_counts, image_size=cfg.image_size,
+    )
+
+
+def source_fingerprint(cfg: DataConfig) -> str:
+    """A cheap fingerprint of the source and the config, without reading any image.
+
+    Used as the cache key of the prepare task: it changes when files are added, removed or
+    modified (sizes, mtimes, ETags), when the config changes, or when the state folder moves.
+    """
+    payload = {
+        "prepare": PREPARE_VERSION,
+        "source": listing_fingerprint(cfg.source),
+        "config": cfg.model_dump(mode="json"),
+        "cache": str(cache_dir("datasets")),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def safe_name(name: str) -> str:
+    """A dataset name usable as one folder name: [A-Za-z0-9._-], no leading dot or underscore."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).lstrip("._-")
+    if not cleaned:
+        raise DatasetError(f"dataset name {name!r} has no usable characters. Fix: set data.name.")
+    return cleaned
+
+
+def _report(cfg: DataConfig, name: str, version: str, root: str,
+            validation: ValidationReport, manifest: pd.DataFrame) -> dict[str, Any]:
+    """The report.json content: validation results, split sizes per class, provenance."""
+    per_split = manifest.groupby(["split", "class_name"]).size()
+    return {
+        "name": name,
+        "version": version,
+        "source": cfg.source,
+        "root": root,
+        "config": cfg.model_dump(mode="json"),
+        "validation": validation.to_dict(),
+        "split_counts_per_class": {
+            split: {cls: int(n) for cls, n in per_split[split].items()}
+            for split in SPLITS if split in per_split.index.get_level_values(0)
+        },
+    }

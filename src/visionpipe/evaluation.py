@@ -1,0 +1,111 @@
+"""Score a trained checkpoint on the held-out test split: metrics, confusion matrix, throughput."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel
+from sklearn.metrics import classification_report, confusion_matrix, f1_score
+
+from visionpipe.data import PreparedDataset, build_loader, load_split
+from visionpipe.models import ModelSpec, build_model
+from visionpipe.training.checkpoint import load_checkpoint
+from visionpipe.training.loop import pick_device, predict_logits
+
+log = logging.getLogger(__name__)
+
+
+class Evaluation(BaseModel):
+    """One candidate's scores on the test split and where its reports were written."""
+
+    candidate: str
+    metrics: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    confusion_csv: str
+    confusion_png: str
+    report_json: str
+
+
+def load_trained_model(checkpoint: Path) -> tuple[torch.nn.Module, ModelSpec]:
+    """Rebuild the inference network of a checkpoint (auxiliary heads dropped) in eval mode."""
+    state = load_checkpoint(checkpoint)
+    spec = ModelSpec.model_validate_json(state["spec"])
+    model = build_model(spec)
+    # Auxiliary heads exist only in training: leave their weights behind.
+    weights = {k: v for k, v in state["model"].items() if not k.startswith(("aux1.", "aux2."))}
+    model.load_state_dict(weights)
+    return model.eval(), spec
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    topk = logits.topk(k, dim=1).indices
+    return float((topk == labels[:, None]).any(dim=1).float().mean())
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]
+) -> tuple[dict[str, float], dict[str, dict[str, float]], np.ndarray]:
+    """Top-1, top-5 (five classes or more), macro-F1, per-class P/R/F1 and the confusion matrix."""
+    preds = logits.argmax(1).numpy()
+    y = labels.numpy()
+    ids = list(range(len(class_names)))
+    metrics = {"top1": top_k_accuracy(logits, labels, 1),
+               "macro_f1": float(f1_score(y, preds, labels=ids, average="macro", zero_division=0))}
+    if len(class_names) >= 5:
+        metrics["top5"] = top_k_accuracy(logits, labels, 5)
+    report = classification_report(y, preds, labels=ids, target_names=class_names,
+                                   output_dict=True, zero_division=0)
+    per_class = {name: {k: float(report[name][k]) for k in ("precision", "recall", "f1-score")}
+                 for name in class_names}
+    return metrics, per_class, confusion_matrix(y, preds, labels=ids)
+
+
+def evaluate_checkpoint(
+    candidate: str, checkpoint: Path, dataset: PreparedDataset, batch_size: int, out_dir: Path,
+    device: str = "auto",
+) -> Evaluation:
+    """Score ``checkpoint`` on ``dataset``'s test split and write CSV, PNG and JSON reports."""
+    dev = pick_device(device)
+    model, spec = load_trained_model(checkpoint)
+    model.to(dev)
+    loader = build_loader(*load_split(dataset, "test"), batch_size=batch_size, shuffle=False,
+                          augment=False, seed=0)
+    start = time.perf_counter()
+    logits, labels = predict_logits(model, loader, dev)
+    seconds = time.perf_counter() - start
+    metrics, per_class, matrix = classification_metrics(logits, labels, spec.class_names)
+    metrics["images_per_s"] = len(labels) / seconds if seconds > 0 else 0.0
+    metrics["test_images"] = float(len(labels))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = _write_confusion(matrix, spec.class_names, candidate, out_dir)
+    report = out_dir / f"{candidate}-metrics.json"
+    report.write_text(json.dumps({"metrics": metrics, "per_class": per_class}, indent=2))
+    return Evaluation(candidate=candidate, metrics=metrics, per_class=per_class,
+                      confusion_csv=str(csv_path), confusion_png=str(png_path), report_json=str(report))
+
+
+def _write_confusion(matrix: np.ndarray, names: list[str], candidate: str,
+                     out_dir: Path) -> tuple[Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless workers have no display
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    csv_path = out_dir / f"{candidate}-confusion.csv"
+    pd.DataFrame(matrix, index=names, columns=names).to_csv(csv_path)
+    png_path = out_dir / f"{candidate}-confusion.png"
+    side = max(4.0, 0.5 * len(names))
+    fig, ax = plt.subplots(figsize=(side, side))
+    ConfusionMatrixDisplay(matrix, display_labels=names).plot(ax=ax, colorbar=False)
+    ax.set_title(f"{candidate}: test split")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return csv_path, png_path

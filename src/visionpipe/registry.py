@@ -1,0 +1,174 @@
+"""Log candidates as pyfunc models, register them, and move the champion alias behind a gate."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema
+from pydantic import BaseModel
+from sklearn.metrics import accuracy_score, f1_score
+
+import visionpipe
+from visionpipe.data import PreparedDataset
+from visionpipe.serving import ImageClassifier
+from visionpipe.tracking import client, configure_tracking, redact
+from visionpipe.training.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.binary, "image")]),
+    outputs=Schema([ColSpec(DataType.long, "label"), ColSpec(DataType.string, "class_name"),
+                    ColSpec(DataType.double, "probability")]),
+)
+# What a consumer's environment needs to rebuild the model; the visionpipe code travels with it.
+_REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "pydantic", "mlflow",
+                 "scikit-learn", "pyarrow", "boto3")
+
+
+class Registration(BaseModel):
+    candidate: str
+    model_name: str
+    version: str
+    model_uri: str
+    run_id: str
+
+
+class GateDecision(BaseModel):
+    """Whether the alias moved, with both scores on today's test split."""
+
+    promoted: bool
+    metric: str
+    candidate: str
+    candidate_version: str
+    candidate_score: float
+    champion_version: str | None
+    champion_score: float | None
+    reason: str
+
+
+def pip_requirements() -> list[str]:
+    reqs = []
+    for name in _REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def export_inference_files(checkpoint: Path, out_dir: Path) -> dict[str, str]:
+    """The state dict without auxiliary heads and the model spec, as the pyfunc's artifacts."""
+    state = load_checkpoint(checkpoint)
+    weights = {k: v for k, v in state["model"].items() if not k.startswith(("aux1.", "aux2."))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(weights, out_dir / "state_dict.pt")
+    (out_dir / "spec.json").write_text(state["spec"])
+    return {"state_dict": str(out_dir / "state_dict.pt"), "spec": str(out_dir / "spec.json")}
+
+
+def test_split_images(dataset: PreparedDataset, limit: int | None = None) -> tuple[list[bytes], list[int]]:
+    """Encoded bytes and labels of the test split, read from the dataset's files."""
+    manifest = pd.read_parquet(dataset.manifest_path)
+    test = manifest[manifest["split"] == "test"].sort_values("path")
+    if limit is not None:
+        test = test.head(limit)
+    root = Path(dataset.root)
+    return [(root / p).read_bytes() for p in test["path"]], test["label"].astype(int).tolist()
+
+
+def log_pyfunc_model(run_id: str, checkpoint: Path, work_dir: Path, dataset: PreparedDataset) -> str:
+    """Log the candidate as an MLflow pyfunc in its run; return the logged model's URI."""
+    configure_tracking()
+    artifacts = export_inference_files(checkpoint, work_dir)
+    example_images, _ = test_split_images(dataset, limit=2)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=ImageClassifier(), artifacts=artifacts,
+            code_paths=[str(Path(visionpipe.__file__).parent)], signature=SIGNATURE,
+            input_example=pd.DataFrame({"image": example_images}),
+            pip_requirements=pip_requirements(),
+        )
+    return str(info.model_uri)
+
+
+def register_version(candidate: str, model_name: str, model_uri: str, run_id: str,
+                     tags: dict[str, str]) -> Registration:
+    """A model version for ``run_id``: the existing one if a retry already created it."""
+    mlflow_client = client()
+    try:
+        existing = mlflow_client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+    except MlflowException:
+        existing = []
+    if existing:
+        mv = existing[0]
+        log.info("version %s of %s already holds run %s; reusing it", mv.version, model_name, run_id)
+    else:
+        mv = mlflow.register_model(model_uri, model_name, tags={k: redact(v) for k, v in tags.items()})
+    return Registration(candidate=candidate, model_name=model_name, version=str(mv.version),
+                        model_uri=f"models:/{model_name}/{mv.version}", run_id=run_id)
+
+
+def score_model(model_uri: str, dataset: PreparedDataset, metric: str) -> float:
+    """Re-score a registered model through its pyfunc, as a consumer would call it."""
+    configure_tracking()
+    model = mlflow.pyfunc.load_model(model_uri)
+    images, labels = test_split_images(dataset)
+    predicted = model.predict(pd.DataFrame({"image": images}))["label"].astype(int).tolist()
+    if metric == "macro_f1":
+        return float(f1_score(labels, predicted, average="macro", zero_division=0))
+    return float(accuracy_score(labels, predicted))
+
+
+def champion_version(model_name: str, alias: str) -> str | None:
+    try:
+        return str(client().get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def gate_champion(best: Registration, dataset: PreparedDataset, metric: str, alias: str) -> GateDecision:
+    """Move ``alias`` to ``best`` only if it beats the current holder on today's test split."""
+    candidate_score = score_model(best.model_uri, dataset, metric)
+    current = champion_version(best.model_name, alias)
+    champion_score = None
+    if current is None:
+        promoted, reason = True, f"no {alias} yet"
+    elif current == best.version:
+        champion_score = candidate_score
+        promoted, reason = False, f"version {current} already is {alias}"
+    else:
+        champion_score = score_model(f"models:/{best.model_name}/{current}", dataset, metric)
+        promoted = candidate_score > champion_score
+        verdict = "beats" if promoted else "does not beat"
+        reason = (f"candidate {metric} {candidate_score:.4f} {verdict} {alias} v{current} "
+                  f"{champion_score:.4f} (a tie keeps the {alias})")
+    decision = GateDecision(promoted=promoted, metric=metric, candidate=best.candidate,
+                            candidate_version=best.version, candidate_score=candidate_score,
+                            champion_version=current, champion_score=champion_score, reason=reason)
+    _apply_decision(decision, best.model_name, alias)
+    return decision
+
+
+def _apply_decision(decision: GateDecision, model_name: str, alias: str) -> None:
+    mlflow_client = client()
+    tags = {"gate_decision": "promoted" if decision.promoted else "kept_champion",
+            "gate_reason": decision.reason, "gate_metric": decision.metric,
+            "gate_candidate_score": f"{decision.candidate_score:.6f}",
+            "gate_champion_score": "" if decision.champion_score is None
+            else f"{decision.champion_score:.6f}"}
+    if decision.promoted:
+        # Re-read the alias just before moving it: another run may have moved it meanwhile.
+        if champion_version(model_name, alias) != decision.champion_version:
+            raise RuntimeError(f"{alias} of {model_name} moved during the gate; re-run registration")
+        tags["previous_champion"] = decision.champion_version or ""
+        mlflow_client.set_registered_model_alias(model_name, alias, decision.candidate_version)
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model_name, decision.candidate_version, key, value)

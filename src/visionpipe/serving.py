@@ -1,0 +1,67 @@
+"""The MLflow pyfunc that consumers load: encoded images in, label and probability out.
+
+It applies the training preprocessing itself, so a consumer needs no visionpipe internals:
+``mlflow.pyfunc.load_model("models:/<name>@champion").predict(pd.DataFrame({"image": [png]}))``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+import torch
+
+from visionpipe.data.images import normalize, open_image, to_uint8_tensor
+from visionpipe.models import ModelSpec, build_model
+
+OUTPUT_COLUMNS = ("label", "class_name", "probability")
+
+
+def _as_bytes(value: Any) -> bytes:
+    """Raw bytes, or base64 text as a REST request carries it."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as exc:
+            raise ValueError("column 'image' holds text that is not base64-encoded image bytes") from exc
+    raise TypeError(f"column 'image' must hold encoded image bytes, got {type(value).__name__}")
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    """Wraps a trained torchvision network and its preprocessing for ``mlflow.pyfunc``."""
+
+    def load_context(self, context: Any) -> None:
+        self.spec = ModelSpec.model_validate_json(Path(context.artifacts["spec"]).read_text())
+        self.model = build_model(self.spec)
+        state = torch.load(context.artifacts["state_dict"], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            raise ValueError("input must be a DataFrame with a column 'image' of encoded image bytes")
+        batch_size = int((params or {}).get("batch_size", 64))
+        frames = []
+        images = [_as_bytes(v) for v in model_input["image"]]
+        for start in range(0, len(images), batch_size):
+            frames.append(self._predict_batch(images[start:start + batch_size]))
+        if not frames:
+            return pd.DataFrame({c: [] for c in OUTPUT_COLUMNS})
+        return pd.concat(frames, ignore_index=True)
+
+    @torch.inference_mode()
+    def _predict_batch(self, images: list[bytes]) -> pd.DataFrame:
+        batch = torch.stack([to_uint8_tensor(open_image(b), self.spec.image_size) for b in images])
+        probs = torch.softmax(self.model(normalize(batch)).float(), dim=1)  # N x classes
+        confidence, label = probs.max(dim=1)
+        return pd.DataFrame({
+            "label": label.numpy().astype("int64"),
+            "class_name": [self.spec.class_names[i] for i in label.tolist()],
+            "probability": confidence.numpy().astype("float64"),
+        })

@@ -1,0 +1,37 @@
+"""The short report a person reads at the end of a pipeline run."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from visionpipe.registry import GateDecision
+
+
+class PipelineSummary(BaseModel):
+    model_name: str
+    dataset_version: str
+    metrics: dict[str, dict[str, float]]
+    decision: GateDecision
+    champion_version: str | None
+    mlflow_ui: str
+    tracking_uri: str
+    random_init: bool
+
+    def render(self) -> str:
+        lines = [f"visionpipe: {self.model_name} (dataset version {self.dataset_version})", ""]
+        for candidate, metrics in self.metrics.items():
+            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("top1", "top5", "macro_f1")
+                              if k in metrics)
+            lines.append(f"  {candidate:<22} {shown}, {metrics.get('images_per_s', 0):.0f} img/s")
+        verdict = "promoted" if self.decision.promoted else "not promoted"
+        lines += ["", f"champion: version {self.champion_version} ({verdict} "
+                  f"v{self.decision.candidate_version}: {self.decision.reason})"]
+        if self.random_init:
+            lines.append("note: the fine-tuned backbone started from RANDOM weights "
+                         "(no pretrained source was reachable)")
+        lines += ["", "MLflow UI:", f"  {self.mlflow_ui}", "", "Load the champion:",
+                  "  import mlflow, pandas as pd; mlflow.set_tracking_uri("
+                  f"\"{self.tracking_uri}\")",
+                  f"  model = mlflow.pyfunc.load_model(\"models:/{self.model_name}@champion\"); "
+                  "model.predict(pd.DataFrame({\"image\": [open(\"digit.png\", \"rb\").read()]}))"]
+        return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training loops, fine-tuning phases, checkpoints and the DDP worker."""

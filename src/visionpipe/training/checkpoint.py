@@ -1,0 +1,59 @@
+"""Checkpoints written atomically with a digest beside them, and read back with weights_only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or not ours."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> str:
+    """Write ``state`` to ``path`` via a temporary name and a rename; return its sha256.
+
+    The digest goes to ``<path>.sha256`` after the file is in place, so a crash between the two
+    leaves a checkpoint without a digest, which ``load_checkpoint`` refuses rather than trusts.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    sidecar = path.with_name(path.name + ".sha256")
+    tmp_sidecar = sidecar.with_name("." + sidecar.name + ".tmp")
+    tmp_sidecar.write_text(json.dumps({"sha256": digest}))
+    os.replace(tmp_sidecar, sidecar)
+    return digest
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` after checking its digest."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if not path.exists() or not sidecar.exists():
+        raise CheckpointError(f"checkpoint {path} or its digest file is missing")
+    expected = json.loads(sidecar.read_text())["sha256"]
+    actual = _sha256(path)
+    if actual != expected:
+        raise CheckpointError(f"checkpoint {path} is damaged: sha256 {actual} != recorded {expected}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a visionpipe checkpoint (no 'model' entry)")
+    return state

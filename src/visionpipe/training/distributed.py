@@ -1,0 +1,74 @@
+"""Process-group set-up and tear-down for a worker started by torchrun, or alone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    is_main: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def _device(local_rank: int, requested: str) -> torch.device:
+    if requested == "cpu" or not torch.cuda.is_available():
+        if requested == "cuda":
+            raise ValueError("device='cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+@contextmanager
+def distributed(device: str = "auto", timeout_s: float = 600.0) -> Iterator[DistContext]:
+    """Yield rank, world size, device and ``is_main``; always destroy the process group.
+
+    Under torchrun (``RANK`` is set) this joins the group: NCCL on GPUs, gloo on the CPU.
+    Without ``RANK`` the same worker runs as one plain process and no group is created.
+    """
+    if "RANK" not in os.environ:
+        yield DistContext(0, 0, 1, _device(0, device), True)
+        return
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    dev = _device(local_rank, device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s),
+                            device_id=dev if dev.type == "cuda" else None)
+    try:
+        yield DistContext(rank, local_rank, world_size, dev, rank == 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum a small tensor over all ranks (a no-op alone)."""
+    if not ctx.distributed:
+        return values
+    reduced = values.to(ctx.device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.cpu()
+
+
+def broadcast_float(value: float, ctx: DistContext) -> float:
+    """Rank 0's value on every rank."""
+    if not ctx.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+    dist.broadcast(t, src=0)
+    return float(t.item())

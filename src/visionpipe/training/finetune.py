@@ -1,0 +1,222 @@
+"""Transfer learning as a list of phases: train the head on a frozen backbone, then everything."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from visionpipe.config import FinetuneConfig, Phase
+from visionpipe.data import PreparedDataset, build_loader, load_split
+from visionpipe.models import (
+    ModelSpec,
+    build_resnet,
+    head_modules,
+    is_frozen_module,
+    load_backbone,
+    param_groups,
+    set_trainable,
+    train_mode,
+)
+from visionpipe.training.checkpoint import save_checkpoint
+from visionpipe.training.result import TrainResult
+from visionpipe.training.loop import (
+    EpochStats,
+    build_optimizer,
+    evaluate,
+    pick_device,
+    train_one_epoch,
+    warmup_cosine,
+)
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class _Data:
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def check_batch_size(batch_size: int, train_count: int) -> None:
+    """Refuse a batch larger than the training split before any training starts."""
+    if batch_size > train_count:
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the training split ({train_count} images); "
+            f"use a batch_size of at most {train_count}"
+        )
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    dataset: PreparedDataset,
+    weights_path: Path,
+    out_dir: Path,
+    on_epoch: EpochCallback | None = None,
+    random_init: bool = False,
+) -> TrainResult:
+    """Fine-tune ``cfg.arch`` from ``weights_path`` on ``dataset``, phase after phase.
+
+    With ``random_init`` weights there is nothing to transfer: phases that freeze part of the
+    backbone would train a head on random features, so they are skipped with a warning.
+    """
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    data = _Data(load_split(dataset, "train"), load_split(dataset, "val"))
+    check_batch_size(cfg.batch_size, len(data.train[1]))
+    model = build_resnet(cfg.arch, dataset.num_classes)
+    load_backbone(model, torch.load(weights_path, map_location="cpu", weights_only=True), cfg.arch)
+    model.to(device)
+    spec = ModelSpec(arch=cfg.arch, num_classes=dataset.num_classes,
+                     class_names=dataset.class_names, image_size=dataset.image_size)
+    progress = _Progress()
+    for phase in cfg.phases:
+        if random_init and _freezes_backbone(model, phase):
+            log.warning("phase %s skipped: it freezes a randomly initialised backbone", phase.name)
+            progress.skipped.append(phase.name)
+            continue
+        _run_phase(model, phase, data, cfg, device, spec, out_dir, progress, on_epoch)
+    return TrainResult(
+        best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
+        best_val_top1=progress.best_top1, best_epoch=progress.best_epoch,
+        epochs_run=progress.epoch, spec=spec, history=progress.history,
+        skipped_phases=progress.skipped,
+    )
+
+
+def _freezes_backbone(model: nn.Module, phase: Phase) -> bool:
+    set_trainable(model, phase.trainable)
+    return not all(p.requires_grad for p in model.parameters())
+
+
+def _run_phase(
+    model: nn.Module, phase: Phase, data: _Data, cfg: FinetuneConfig, device: torch.device,
+    spec: ModelSpec, out_dir: Path, progress: _Progress, on_epoch: EpochCallback | None,
+) -> None:
+    """Train one phase with a fresh optimizer and schedule; stop early on a plateau."""
+    trainable = set_trainable(model, phase.trainable)
+    log.info("phase %s: %d trainable tensors", phase.name, len(trainable))
+    optimizer = build_optimizer(
+        param_groups(model, cfg.arch, phase.lr, phase.backbone_lr_fraction), cfg.optim, device
+    )
+    steps = math.ceil(len(data.train[1]) / cfg.batch_size)
+    scheduler = warmup_cosine(optimizer, phase.epochs * steps, int(phase.warmup_epochs * steps))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    batches = _phase_batches(model, cfg, data, device)
+    since_best = 0
+    for phase_epoch in range(1, phase.epochs + 1):
+        train_mode(model)
+        train_stats = train_one_epoch(batches.train_model, batches.train(progress.epoch),
+                                      optimizer, scheduler, criterion, device)
+        val_stats = evaluate(batches.val_model, batches.val, criterion, device)
+        progress.epoch += 1
+        improved = val_stats.top1 > progress.best_top1
+        record = _epoch_record(phase, phase_epoch, progress.epoch, train_stats, val_stats)
+        _save(model, optimizer, scheduler, cfg, spec, record, out_dir, improved)
+        if improved:
+            progress.best_top1, progress.best_epoch, since_best = val_stats.top1, progress.epoch, 0
+        else:
+            since_best += 1
+        progress.history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        if since_best >= cfg.early_stopping_patience:
+            log.info("phase %s: no better val top-1 for %d epochs, stopping", phase.name, since_best)
+            break
+
+
+@dataclass
+class _Batches:
+    train_model: nn.Module
+    val_model: nn.Module
+    train: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _phase_batches(model: nn.Module, cfg: FinetuneConfig, data: _Data, device: torch.device) -> _Batches:
+    """Image batches, or, for a head-only phase without augmentation, cached backbone features.
+
+    A frozen backbone in eval mode is a fixed function: its features are computed once and the
+    head trains on them, which gives the same head as forwarding the backbone every epoch.
+    """
+    heads = head_modules(cfg.arch)
+    backbone_frozen = all(
+        is_frozen_module(m) for n, m in model.named_children() if n not in heads and list(m.parameters())
+    )
+    if backbone_frozen and cfg.cache_frozen_features and not cfg.augment and heads == ("fc",):
+        return _feature_batches(model, cfg, data, device)
+
+    def train(epoch: int) -> DataLoader:
+        return build_loader(*data.train, batch_size=cfg.batch_size, shuffle=True,
+                            augment=cfg.augment, seed=cfg.seed + epoch)
+
+    val = build_loader(*data.val, batch_size=cfg.batch_size, shuffle=False, augment=False, seed=0)
+    return _Batches(model, model, train, val)
+
+
+def _feature_batches(model: nn.Module, cfg: FinetuneConfig, data: _Data, device: torch.device) -> _Batches:
+    head: nn.Module = model.fc  # type: ignore[assignment]
+    model.fc = nn.Identity()
+    try:
+        train_x = _features(model, data.train, cfg.batch_size, device)  # N x feature_dim
+        val_x = _features(model, data.val, cfg.batch_size, device)
+    finally:
+        model.fc = head
+    train_set = TensorDataset(train_x, data.train[1])
+
+    def train(epoch: int) -> DataLoader:
+        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        return DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen)
+
+    val = DataLoader(TensorDataset(val_x, data.val[1]), batch_size=cfg.batch_size)
+    return _Batches(head, head, train, val)
+
+
+@torch.inference_mode()
+def _features(model: nn.Module, split: tuple[torch.Tensor, torch.Tensor], batch_size: int,
+              device: torch.device) -> torch.Tensor:
+    model.eval()
+    loader = build_loader(*split, batch_size=batch_size, shuffle=False, augment=False, seed=0)
+    return torch.cat([model(x.to(device)).cpu() for x, _ in loader]).clone()
+
+
+def _epoch_record(phase: Phase, phase_epoch: int, epoch: int, train: EpochStats,
+                  val: EpochStats) -> dict[str, Any]:
+    return {
+        "phase": phase.name, "phase_epoch": phase_epoch, "epoch": epoch,
+        "train_loss": train.loss, "train_top1": train.top1, "val_loss": val.loss,
+        "val_top1": val.top1, "train_images_per_s": train.images_per_s,
+        "train_seconds": train.seconds,
+    }
+
+
+def _save(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: FinetuneConfig,
+          spec: ModelSpec, record: dict[str, Any], out_dir: Path, improved: bool) -> None:
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": {}, "epoch": record["epoch"],
+        "phase": record["phase"], "phase_epoch": record["phase_epoch"],
+        "val_top1": record["val_top1"], "config": cfg.model_dump_json(),
+        "spec": spec.model_dump_json(), "rng": torch.get_rng_state(),
+    }
+    save_checkpoint(state, out_dir / "last.pt")
+    if improved:
+        save_checkpoint(state, out_dir / "best.pt")

@@ -1,0 +1,139 @@
+"""Start the DDP worker with torch's elastic launcher in its own processes and watch it."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from visionpipe.config import LaunchConfig
+
+WORKER_MODULE = "visionpipe.training.worker"
+# torchrun's --tee prefixes each line of local rank N with "[default<N>]:" (the role name).
+_PREFIX = re.compile(r"^\[(?:default|rank)(\d+)\]:(.*)$")
+_FAILED_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
+
+
+class LaunchError(RuntimeError):
+    """The launch failed; ``rank`` is the first failing rank when torchrun named one."""
+
+    def __init__(self, message: str, rank: int | None = None, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.rank, self.exit_code = rank, exit_code
+
+
+class LaunchTimeout(LaunchError):
+    """The launch ran past its timeout and was killed."""
+
+
+def default_nproc(launch: LaunchConfig) -> int:
+    """Processes per node: as configured, else one per visible GPU, else 2 CPU processes."""
+    if launch.nproc_per_node:
+        return launch.nproc_per_node
+    return torch.cuda.device_count() or 2
+
+
+def torchrun_command(launch: LaunchConfig, job_path: Path, nproc: int, rdzv_id: str) -> list[str]:
+    """The ``python -m torch.distributed.run`` command line for the worker module."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={launch.nnodes}", f"--nproc-per-node={nproc}",
+        f"--rdzv-backend={launch.rdzv_backend}", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+        f"--rdzv-id={launch.rdzv_id or rdzv_id}", f"--max-restarts={launch.max_restarts}",
+        "--tee=3",  # every line of every rank comes back through our pipe, prefixed by its rank
+        "-m", WORKER_MODULE, str(job_path),
+    ]
+
+
+def worker_env(nproc: int) -> dict[str, str]:
+    """The launcher's environment, with CPU threads split between the local ranks."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@dataclass
+class _Tail:
+    """The last lines of each rank, for the error message of a failed launch."""
+
+    size: int = 20
+    by_rank: dict[int, collections.deque[str]] = field(default_factory=dict)
+    launcher: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
+
+    def add(self, line: str) -> int | None:
+        match = _PREFIX.match(line)
+        if not match:
+            self.launcher.append(line)
+            return None
+        rank = int(match.group(1))
+        self.by_rank.setdefault(rank, collections.deque(maxlen=self.size)).append(match.group(2))
+        return rank
+
+
+def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[int | None, str], None],
+                 env: dict[str, str] | None = None) -> None:
+    """Run ``cmd``, stream its lines to ``on_line(rank, text)``; raise LaunchError on failure."""
+    tail = _Tail()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True, bufsize=1)
+    reader = threading.Thread(target=_pump, args=(proc, tail, on_line), daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise LaunchTimeout(f"torchrun ran past its timeout of {timeout_s:.0f} s and was killed; "
+                            "raise googlenet.launch.timeout_s or shorten the run") from None
+    finally:
+        reader.join(timeout=10)
+    if code != 0:
+        raise _failure(code, tail)
+
+
+def _pump(proc: subprocess.Popen[str], tail: _Tail, on_line: Callable[[int | None, str], None]) -> None:
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip("\n")
+        rank = tail.add(line)
+        on_line(rank, _PREFIX.sub(r"\2", line) if rank is not None else line)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM the launcher's whole process group, then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.poll() is not None:
+            return
+
+
+def _failure(code: int, tail: _Tail) -> LaunchError:
+    summary = "\n".join(tail.launcher)
+    match = _FAILED_RANK.search(summary)
+    rank = int(match.group(1)) if match else next(iter(sorted(tail.by_rank)), None)
+    local = int(match.group(2)) if match else rank
+    lines = "\n".join(tail.by_rank.get(local, [])) if local is not None else summary
+    return LaunchError(f"DDP worker failed (torchrun exit code {code}); rank {rank} ended with:\n"
+                       f"{lines or summary}", rank=rank, exit_code=code)
+
+
+def new_rdzv_id() -> str:
+    return uuid.uuid4().hex[:12]

@@ -1,0 +1,156 @@
+"""Plain training and evaluation steps, in the style of torchvision's reference scripts."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from visionpipe.config import OptimConfig
+
+
+@dataclass
+class EpochStats:
+    """Sums over one pass; ``reduce`` turns them into means (after an all-reduce under DDP)."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.count, 1)
+
+    @property
+    def top1(self) -> float:
+        return self.correct / max(self.count, 1)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.loss_sum, float(self.correct), float(self.count)], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor, seconds: float) -> EpochStats:
+        loss_sum, correct, count = t.tolist()
+        return cls(loss_sum, int(round(correct)), int(round(count)), seconds)
+
+
+def classification_loss(
+    outputs: torch.Tensor | Sequence[torch.Tensor | None],
+    labels: torch.Tensor,
+    criterion: nn.Module,
+    aux_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and main logits; GoogLeNet's auxiliary logits add ``aux_weight`` x their loss each."""
+    if isinstance(outputs, torch.Tensor):
+        return criterion(outputs, labels), outputs
+    logits, *aux = outputs
+    assert logits is not None
+    loss = criterion(logits, labels)
+    for aux_logits in aux:
+        if aux_logits is not None:
+            loss = loss + aux_weight * criterion(aux_logits, labels)
+    return loss, logits
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    criterion: nn.Module,
+    device: torch.device,
+    aux_weight: float = 0.0,
+) -> EpochStats:
+    """One pass over ``batches``; the scheduler steps per batch. The caller sets train mode."""
+    stats = EpochStats()
+    start = time.perf_counter()
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        loss, logits = classification_loss(model(images), labels, criterion, aux_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        # Weighted by the batch's own size, so a short last batch counts for what it is.
+        n = labels.shape[0]
+        stats.loss_sum += loss.item() * n
+        stats.correct += int((logits.argmax(1) == labels).sum())
+        stats.count += n
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every batch, on the CPU, with the model in eval mode."""
+    model.eval()
+    outs, targets = [], []
+    for images, labels in batches:
+        outs.append(model(images.to(device, non_blocking=True)).float().cpu())
+        targets.append(labels)
+    return torch.cat(outs), torch.cat(targets)
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    criterion: nn.Module,
+    device: torch.device,
+) -> EpochStats:
+    """Loss and top-1 over ``batches`` in eval mode."""
+    start = time.perf_counter()
+    logits, labels = predict_logits(model, batches, device)
+    n = labels.shape[0]
+    loss = criterion(logits, labels).item() * n if n else 0.0
+    correct = int((logits.argmax(1) == labels).sum())
+    return EpochStats(loss, correct, n, time.perf_counter() - start)
+
+
+def build_optimizer(
+    groups: list[dict[str, object]], cfg: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum or AdamW over the given parameter groups."""
+    # Fused kernels exist for CUDA; on the CPU the foreach path is the fast one.
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, **fast)  # type: ignore[arg-type]
+    return torch.optim.SGD(
+        groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0,  # type: ignore[arg-type]
+        weight_decay=cfg.weight_decay, **fast,
+    )
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 1% to the base rates, then cosine decay to zero, stepped per batch."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.01 + 0.99 * step / max(warmup_steps, 1)
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; asking for CUDA without one is an error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is visible; use device='auto' or 'cpu'")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks around the visionpipe library: retries, caching, logs and artifacts."""

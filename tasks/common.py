@@ -1,0 +1,37 @@
+"""Helpers shared by the tasks: which failures are worth a retry, and Prefect-side logging."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect import Task
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.logging import get_run_logger
+
+# Errors that come from the input or the code: a retry would fail the same way.
+DETERMINISTIC: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, LookupError,
+                                                  NotImplementedError, AssertionError)
+
+
+def _deterministic_types() -> tuple[type[BaseException], ...]:
+    from visionpipe.data import DatasetError
+    from visionpipe.weights import WeightsError, WeightsUnavailable
+
+    # Unreachable weight sources were already retried with backoff inside the fetch.
+    return (*DETERMINISTIC, DatasetError, WeightsError, WeightsUnavailable)
+
+
+def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry only failures that a second attempt can fix (network, storage, killed processes)."""
+    try:
+        state.result()
+    except _deterministic_types():
+        return False
+    except Exception:  # noqa: BLE001 - anything else (OSError, S3, rendezvous) may be transient
+        return True
+    return False
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    return get_run_logger()

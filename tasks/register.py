@@ -1,0 +1,55 @@
+"""register-model: every candidate becomes a version; the champion alias moves behind a gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.common import run_logger
+from tasks.tracking import TrackingContext
+from tasks.train import Candidate, stage_dir
+from visionpipe import registry, tracking
+from visionpipe.config import RegistryConfig
+from visionpipe.data import PreparedDataset
+from visionpipe.evaluation import Evaluation
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=[5, 30])
+def register_model(candidates: list[Candidate], evaluations: list[Evaluation],
+                   dataset: PreparedDataset, cfg: RegistryConfig, model_name: str,
+                   context: TrackingContext) -> registry.GateDecision:
+    """Register each candidate with its lineage; promote the best one only if it wins."""
+    scores = {e.candidate: e.metrics for e in evaluations}
+    registrations = []
+    for candidate in candidates:
+        model_uri = registry.log_pyfunc_model(
+            candidate.run_id, Path(candidate.result.best_checkpoint),
+            stage_dir(context, f"export-{candidate.name}"), dataset)
+        tags = {**candidate.lineage, "prefect_flow_run_id": context.flow_run_id,
+                "git_commit": tracking.git_commit(), "candidate": candidate.name,
+                **{f"test_{k}": f"{v:.6f}" for k, v in scores[candidate.name].items()}}
+        registrations.append(registry.register_version(candidate.name, model_name, model_uri,
+                                                       candidate.run_id, tags))
+    best = max(registrations, key=lambda r: scores[r.candidate][cfg.champion_metric])
+    decision = registry.gate_champion(best, dataset, cfg.champion_metric, cfg.alias)
+    run_logger().info("champion gate: %s", decision.reason)
+    tracking.set_tags(context.parent_run_id, {"gate_decision": decision.reason,
+                                              "candidate_version": decision.candidate_version})
+    create_markdown_artifact(key="champion-decision", markdown=decision_markdown(decision, model_name),
+                             description=decision.reason)
+    return decision
+
+
+def decision_markdown(decision: registry.GateDecision, model_name: str) -> str:
+    moved = "moved to" if decision.promoted else "stays on"
+    holder = decision.candidate_version if decision.promoted else decision.champion_version
+    champion = "-" if decision.champion_score is None else f"{decision.champion_score:.4f}"
+    return "\n".join([
+        f"# `{model_name}`: champion {moved} version {holder}", "",
+        f"| | version | {decision.metric} |", "|---|---|---|",
+        f"| candidate ({decision.candidate}) | {decision.candidate_version} | {decision.candidate_score:.4f} |",
+        f"| champion before | {decision.champion_version or '-'} | {champion} |", "",
+        decision.reason,
+    ])

@@ -1,0 +1,35 @@
+"""Open and close the MLflow parent run of one flow run."""
+
+from __future__ import annotations
+
+from prefect import runtime, task
+from pydantic import BaseModel
+
+from visionpipe import tracking
+from visionpipe.config import PipelineConfig
+
+
+class TrackingContext(BaseModel):
+    """Ids every stage needs to log into the right place."""
+
+    experiment_id: str
+    parent_run_id: str
+    flow_run_id: str
+
+
+@task(name="open-tracking-run", retries=3, retry_delay_seconds=[2, 10, 30])
+def open_tracking_run(config: PipelineConfig) -> TrackingContext:
+    """One MLflow parent run per flow run, tagged with the flow run and the git commit."""
+    flow_run_id = str(runtime.flow_run.id or "local")
+    experiment_id = tracking.ensure_experiment(config.experiment)
+    run_id = tracking.start_run(
+        experiment_id, f"train-image-classifiers/{runtime.flow_run.name or 'local'}",
+        tags={"prefect.flow_run_id": flow_run_id, "git_commit": tracking.git_commit()},
+    )
+    tracking.log_config(run_id, config)
+    return TrackingContext(experiment_id=experiment_id, parent_run_id=run_id, flow_run_id=flow_run_id)
+
+
+@task(name="close-tracking-run", retries=3, retry_delay_seconds=[2, 10, 30])
+def close_tracking_run(context: TrackingContext, failed: bool = False) -> None:
+    tracking.end_run(context.parent_run_id, failed=failed)

@@ -1,0 +1,126 @@
+"""Training tasks: fine-tune a pretrained backbone (and, next to it, GoogLeNet from scratch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.concurrency.sync import concurrency
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from pydantic import BaseModel
+
+from tasks.common import retry_transient, run_logger
+from tasks.tracking import TrackingContext
+from visionpipe import settings, tracking
+from visionpipe.config import FinetuneConfig, GoogLeNetConfig
+from visionpipe.data import PreparedDataset
+from visionpipe.training import launch
+from visionpipe.training.finetune import finetune
+from visionpipe.training.result import TrainResult
+from visionpipe.training.worker import WorkerJob
+from visionpipe.weights import FetchedWeights
+
+
+class Candidate(BaseModel):
+    """A trained model waiting for evaluation and registration."""
+
+    name: str
+    run_id: str
+    result: TrainResult
+    lineage: dict[str, str]
+
+
+def stage_dir(context: TrackingContext, stage: str) -> Path:
+    """Checkpoints of one stage of one flow run: a retry finds its predecessor's files here."""
+    path = settings.cache_dir("runs") / context.flow_run_id / stage
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class EpochReporter:
+    """Per-epoch progress to the Prefect log, a progress artifact and the candidate's MLflow run."""
+
+    def __init__(self, candidate: str, run_id: str, total_epochs: int) -> None:
+        self.candidate, self.run_id, self.total = candidate, run_id, total_epochs
+        self.logger = run_logger()
+        self.artifact_id = create_progress_artifact(
+            progress=0.0, key=f"{candidate}-progress", description=f"{candidate} training epochs")
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        epoch = int(record["epoch"])
+        self.logger.info(
+            "%s epoch %d/%d [%s] train loss %.4f top-1 %.3f | val top-1 %.3f (%.0f img/s)",
+            self.candidate, epoch, self.total, record.get("phase", "train"), record["train_loss"],
+            record["train_top1"], record["val_top1"], record["train_images_per_s"])
+        metrics = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))
+                   and k not in ("epoch", "phase_epoch")}
+        tracking.log_metrics(self.run_id, metrics, step=epoch)
+        update_progress_artifact(self.artifact_id, progress=min(100.0, 100.0 * epoch / self.total))
+
+
+@task(name="finetune-backbone", retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=retry_transient)
+def finetune_backbone(cfg: FinetuneConfig, dataset: PreparedDataset, weights: FetchedWeights,
+                      context: TrackingContext) -> Candidate:
+    """Phase by phase transfer learning of ``cfg.arch`` from the fetched weights."""
+    name = f"finetune-{cfg.arch}"
+    lineage = {"arch": cfg.arch, "dataset_version": dataset.version,
+               "weights_source": weights.source, "weights_sha256": weights.sha256,
+               "random_init": str(weights.random_init).lower()}
+    run_id = tracking.start_run(context.experiment_id, name, context.parent_run_id, tags=lineage)
+    tracking.log_config(run_id, cfg)
+    total = sum(p.epochs for p in cfg.phases)
+    result = finetune(cfg, dataset, Path(weights.path), stage_dir(context, name),
+                      on_epoch=EpochReporter(name, run_id, total), random_init=weights.random_init)
+    if result.skipped_phases:
+        tracking.set_tags(run_id, {"skipped_phases": ",".join(result.skipped_phases)})
+    tracking.log_metrics(run_id, {"best_val_top1": result.best_val_top1,
+                                  "epochs_run": result.epochs_run})
+    tracking.end_run(run_id)
+    return Candidate(name=name, run_id=run_id, result=result, lineage=lineage)
+
+
+@task(name="train-googlenet", retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=retry_transient)
+def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
+                    context: TrackingContext) -> Candidate:
+    """GoogLeNet from scratch: torchrun starts the DDP worker module in its own processes."""
+    name = "scratch-googlenet"
+    lineage = {"arch": "googlenet", "dataset_version": dataset.version,
+               "weights_source": "scratch", "weights_sha256": "", "random_init": "true"}
+    run_id = tracking.start_run(context.experiment_id, name, context.parent_run_id, tags=lineage)
+    tracking.log_config(run_id, cfg)
+    out_dir = stage_dir(context, name)
+    job = WorkerJob(config=cfg, dataset=dataset, out_dir=str(out_dir),
+                    result_path=str(out_dir / "result.json"), mlflow_run_id=run_id)
+    job_path = out_dir / "job.json"
+    job_path.write_text(job.model_dump_json(indent=2))
+    nproc = launch.default_nproc(cfg.launch)
+    cmd = launch.torchrun_command(cfg.launch, job_path, nproc, rdzv_id=context.flow_run_id[:12])
+    logger = run_logger()
+    logger.info("launching %d process(es) per node: %s", nproc, " ".join(cmd))
+    with gpu_slots(nproc):
+        launch.run_torchrun(cmd, cfg.launch.timeout_s,
+                            lambda rank, line: logger.info("[rank %s] %s", rank if rank is not None else "-", line),
+                            env=launch.worker_env(nproc))
+    result = TrainResult.model_validate_json(Path(job.result_path).read_text())
+    tracking.log_metrics(run_id, {"best_val_top1": result.best_val_top1, "epochs_run": result.epochs_run})
+    tracking.end_run(run_id)
+    return Candidate(name=name, run_id=run_id, result=result, lineage=lineage)
+
+
+@contextmanager
+def gpu_slots(count: int) -> Iterator[None]:
+    """Hold ``count`` slots of the global concurrency limit ``gpu`` while GPUs are in use.
+
+    The limit is optional: without it (or without a GPU) training runs unthrottled.
+    """
+    if not torch.cuda.is_available():
+        yield
+        return
+    with concurrency("gpu", occupy=count, strict=False):
+        yield

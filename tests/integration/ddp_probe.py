@@ -1,0 +1,78 @@
+"""Run by torchrun in the DDP tests: exercises the worker's pieces on each rank, writes JSON."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from visionpipe.config import GoogLeNetConfig
+from visionpipe.models import build_googlenet
+from visionpipe.training.distributed import distributed
+from visionpipe.training.loop import classification_loss, train_one_epoch
+from visionpipe.training.worker import build_ddp_model, build_train_loader
+
+
+def shards(out: Path) -> None:
+    """Which sample indices each rank sees in two epochs, and weights after one DDP step."""
+    cfg = GoogLeNetConfig(batch_size=4, small_input_stem=True)
+    with distributed() as ctx:
+        images = torch.randint(0, 255, (22, 3, 32, 32), dtype=torch.uint8)
+        labels = torch.arange(22) % 10
+        ids = torch.arange(22)
+        loader, sampler = build_train_loader(images, ids, cfg, ctx)
+        seen = {}
+        for epoch in (1, 2):
+            assert sampler is not None
+            sampler.set_epoch(epoch)
+            seen[epoch] = torch.cat([y for _, y in loader]).tolist()
+        torch.manual_seed(cfg.seed)
+        ddp_model, model = build_ddp_model(cfg, 10, ctx)
+        optimizer = torch.optim.SGD(ddp_model.parameters(), lr=0.1)
+        batch = [(x, labels[y]) for x, y in list(loader)[:1]]
+        ddp_model.train()
+        train_one_epoch(ddp_model, batch, optimizer, None, nn.CrossEntropyLoss(), ctx.device, 0.3)
+        torch.save(model.state_dict(), out / f"weights-{ctx.rank}.pt")
+        (out / f"shards-{ctx.rank}.json").write_text(json.dumps(seen))
+
+
+def syncbn(out: Path, batch: int) -> None:
+    """Gradients of a world-size-2 SyncBatchNorm step with batch B per rank vs one process with 2B."""
+    with distributed() as ctx:
+        torch.manual_seed(0)
+        model = build_googlenet(10, small_input_stem=True)
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0  # dropout masks differ between the runs; BN is what is under test
+        reference = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2 * batch, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (2 * batch,), generator=gen)
+        mine = slice(ctx.rank * batch, (ctx.rank + 1) * batch)
+        results = {}
+        for name, sync in (("sync", True), ("plain", False)):
+            net = copy.deepcopy(model)
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync else net
+            ddp = DistributedDataParallel(net.train())
+            loss, _ = classification_loss(ddp(x[mine]), y[mine], nn.CrossEntropyLoss(), 0.3)
+            loss.backward()
+            results[name] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        if ctx.is_main:
+            reference.train()
+            loss, _ = classification_loss(reference(x), y, nn.CrossEntropyLoss(), 0.3)
+            loss.backward()
+            ref = {n: p.grad for n, p in reference.named_parameters()}
+            torch.save({"reference": ref, **results}, out / "grads.pt")
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[2])
+    if sys.argv[1] == "shards":
+        shards(target)
+    else:
+        syncbn(target, int(sys.argv[3]))

@@ -1,0 +1,87 @@
+"""The whole flow on a tiny dataset under Prefect's test harness, twice (the second run is cached)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.train_image_classifiers import train_image_classifiers
+from visionpipe import tracking
+from visionpipe.config import PipelineConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY = {
+    "data": {"max_per_class": 12},
+    "weights": {"uri": "torchvision:resnet18.IMAGENET1K_V1", "on_unavailable": "random-init",
+                "attempts": 1},
+    "finetune": {"arch": "resnet18", "batch_size": 16, "phases": [
+        {"name": "head", "trainable": ["fc"], "epochs": 1, "lr": 2e-3},
+        {"name": "full", "trainable": ["*"], "epochs": 1, "lr": 2e-3}]},
+    "googlenet": {"epochs": 1, "batch_size": 8, "launch": {"nproc_per_node": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("flowhome")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VISIONPIPE_HOME", str(home))
+    mp.setenv("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield home
+    mp.undo()
+
+
+async def _task_states(flow_run_id: str) -> dict[str, str]:
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.state}
+
+
+async def _artifact_keys(flow_run_id: str) -> set[str]:
+    async with get_client() as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key for a in artifacts if a.key}
+
+
+def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(harness: Path) -> None:
+    config = PipelineConfig.model_validate(TINY)
+    state = train_image_classifiers(config, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert set(summary.metrics) == {"finetune-resnet18", "scratch-googlenet"}
+    assert summary.decision.promoted and summary.champion_version is not None
+    assert summary.random_init and "RANDOM" in summary.render()
+    mlflow = tracking.client()
+    versions = mlflow.search_model_versions("name='digits-classifier'")
+    assert len(versions) == 2
+    tags = versions[0].tags
+    for key in ("arch", "dataset_version", "weights_source", "weights_sha256", "prefect_flow_run_id",
+                "git_commit", "test_top1"):
+        assert key in tags, key
+    parent = mlflow.search_runs([mlflow.get_experiment_by_name("visionpipe").experiment_id],
+                                "tags.`prefect.flow_run_id` = '%s'" % state.state_details.flow_run_id)
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].inputs.dataset_inputs, "manifest logged with mlflow.log_input"
+    flow_run_id = str(state.state_details.flow_run_id)
+    keys = asyncio.run(_artifact_keys(flow_run_id))
+    assert {"candidate-metrics", "candidate-comparison", "champion-decision",
+            "weights-random-init", "dataset-report"} <= keys
+
+    config.googlenet.enabled = False
+    second = train_image_classifiers(config, return_state=True)
+    assert second.is_completed(), second.message
+    states = asyncio.run(_task_states(str(second.state_details.flow_run_id)))
+    assert states["prepare-dataset"] == "Cached" and states["fetch-pretrained-weights"] == "Cached"
+    assert len(mlflow.search_model_versions("name='digits-classifier'")) == 3

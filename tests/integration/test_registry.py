@@ -1,0 +1,125 @@
+"""Registration, the champion gate and a consumer in a fresh process, on MLflow over SQLite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from visionpipe import registry, settings, tracking
+from visionpipe.config import DataConfig, FinetuneConfig, Phase
+from visionpipe.data import PreparedDataset, prepare_dataset
+from visionpipe.evaluation import evaluate_checkpoint
+from visionpipe.models import ModelSpec, build_resnet
+from visionpipe.training.checkpoint import save_checkpoint
+from visionpipe.training.finetune import finetune
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PreparedDataset, Path, Path]:
+    """A briefly trained resnet18 and an untrained one on the same tiny digits split."""
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VISIONPIPE_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    dataset = prepare_dataset(DataConfig(max_per_class=15))
+    torch.manual_seed(0)
+    weights = home / "w.pth"
+    torch.save(build_resnet("resnet18", 1000).state_dict(), weights)
+    cfg = FinetuneConfig(arch="resnet18", batch_size=16,
+                         phases=[Phase(name="full", trainable=["*"], epochs=4, lr=2e-3)])
+    good = Path(finetune(cfg, dataset, weights, home / "good", random_init=True).best_checkpoint)
+    spec = ModelSpec(arch="resnet18", num_classes=10, class_names=dataset.class_names, image_size=32)
+    bad = home / "bad" / "best.pt"
+    torch.manual_seed(3)
+    save_checkpoint({"model": build_resnet("resnet18", 10).state_dict(), "spec": spec.model_dump_json()}, bad)
+    yield home, dataset, good, bad
+    mp.undo()
+
+
+def _register(name: str, checkpoint: Path, dataset: PreparedDataset, work: Path) -> registry.Registration:
+    experiment = tracking.ensure_experiment("test")
+    run_id = tracking.start_run(experiment, name)
+    uri = registry.log_pyfunc_model(run_id, checkpoint, work / name, dataset)
+    return registry.register_version(name, "digits-test", uri, run_id, {"arch": "resnet18"})
+
+
+def test_gate_promotes_first_and_better_and_keeps_champion_against_worse(
+    trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home, dataset, good, bad = trained
+    monkeypatch.setenv("VISIONPIPE_HOME", str(home))
+    first = _register("bad-1", bad, dataset, tmp_path)
+    decision = registry.gate_champion(first, dataset, "top1", "champion")
+    assert decision.promoted and decision.champion_version is None
+    better = _register("good", good, dataset, tmp_path)
+    decision = registry.gate_champion(better, dataset, "top1", "champion")
+    assert decision.promoted and decision.champion_version == first.version
+    assert decision.candidate_score > decision.champion_score  # type: ignore[operator]
+    worse = _register("bad-2", bad, dataset, tmp_path)
+    decision = registry.gate_champion(worse, dataset, "top1", "champion")
+    assert not decision.promoted and "does not beat" in decision.reason
+    assert registry.champion_version("digits-test", "champion") == better.version
+    mv = tracking.client().get_model_version("digits-test", worse.version)
+    assert mv.tags["gate_decision"] == "kept_champion"
+    assert float(mv.tags["gate_champion_score"]) == pytest.approx(decision.champion_score)
+    promoted = tracking.client().get_model_version("digits-test", better.version)
+    assert promoted.tags["previous_champion"] == first.version
+
+
+def test_a_retried_registration_reuses_its_version(
+    trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home, dataset, good, _ = trained
+    monkeypatch.setenv("VISIONPIPE_HOME", str(home))
+    experiment = tracking.ensure_experiment("test")
+    run_id = tracking.start_run(experiment, "retry")
+    uri = registry.log_pyfunc_model(run_id, good, tmp_path / "retry", dataset)
+    once = registry.register_version("retry", "digits-retry", uri, run_id, {})
+    again = registry.register_version("retry", "digits-retry", uri, run_id, {})
+    assert once.version == again.version
+    assert len(tracking.client().search_model_versions("name='digits-retry'")) == 1
+
+
+CONSUMER = """
+import json, sys, mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/digits-consumer@champion")
+images = [open(p, "rb").read() for p in json.loads(sys.argv[2])]
+out = model.predict(pd.DataFrame({"image": images}))
+print(json.dumps({"columns": list(out.columns), "labels": out["label"].tolist(),
+                  "probability": out["probability"].tolist(), "schema": str(model.metadata.signature)}))
+"""
+
+
+def test_consumer_in_a_fresh_process_loads_the_champion_and_predicts_raw_images(
+    trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home, dataset, good, _ = trained
+    monkeypatch.setenv("VISIONPIPE_HOME", str(home))
+    experiment = tracking.ensure_experiment("test")
+    run_id = tracking.start_run(experiment, "consumer")
+    uri = registry.log_pyfunc_model(run_id, good, tmp_path / "consumer", dataset)
+    version = registry.register_version("consumer", "digits-consumer", uri, run_id, {})
+    registry.gate_champion(version, dataset, "top1", "champion")
+    manifest = pd.read_parquet(dataset.manifest_path)
+    test = manifest[manifest["split"] == "test"].sort_values("path")
+    paths = [str(Path(dataset.root) / p) for p in test["path"]]
+    out = subprocess.run([sys.executable, "-c", CONSUMER, settings.tracking_uri(), json.dumps(paths)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answer["columns"] == ["label", "class_name", "probability"]
+    assert "image: binary" in answer["schema"]
+    accuracy = (pd.Series(answer["labels"]) == test["label"].reset_index(drop=True)).mean()
+    expected = evaluate_checkpoint("good", good, dataset, 64, tmp_path / "eval").metrics["top1"]
+    # The pyfunc applies the training preprocessing itself: same predictions as evaluation.
+    assert accuracy == pytest.approx(expected)
+    assert all(0.0 < p <= 1.0 for p in answer["probability"])

@@ -1,0 +1,109 @@
+"""Model builders and freezing: the study notes' three bugs must not come back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from visionpipe.models import (
+    ModelSpec,
+    build_googlenet,
+    build_model,
+    build_resnet,
+    load_backbone,
+    param_groups,
+    set_trainable,
+    strip_aux_heads,
+    train_mode,
+)
+
+
+def test_head_only_phase_changes_no_backbone_parameter_or_running_statistic() -> None:
+    torch.manual_seed(0)
+    model = build_resnet("resnet18", 4)
+    set_trainable(model, ["fc"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    for _ in range(3):
+        train_mode(model)
+        loss = nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.randint(0, 4, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith("fc.") for k in changed), changed
+    assert all(not m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_set_trainable_really_freezes_and_rejects_unknown_modules() -> None:
+    model = build_resnet("resnet18", 3)
+    names = set_trainable(model, ["fc"])
+    assert names == ["fc.weight", "fc.bias"]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("fc."))
+    assert all(p.requires_grad for p in model.parameters()) is False
+    set_trainable(model, ["*"])
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="no parameter matches"):
+        set_trainable(model, ["classifier"])
+
+
+def test_new_head_is_a_plain_linear_so_logits_can_be_negative() -> None:
+    model = build_resnet("resnet50", 7).eval()
+    assert isinstance(model.fc, nn.Linear) and model.fc.out_features == 7
+    with torch.no_grad():
+        logits = model(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 7)
+    assert (logits < 0).any(), "logits clipped at zero: is there an activation after the head?"
+
+
+def test_a_short_last_batch_runs_through_both_architectures() -> None:
+    for model in (build_resnet("resnet18", 5), strip_aux_heads(build_googlenet(5, True))):
+        model.eval()
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+            assert model(torch.randn(3, 3, 32, 32)).shape == (3, 5)
+
+
+def test_param_groups_give_the_backbone_a_fraction_of_the_head_rate() -> None:
+    model = build_resnet("resnet18", 3)
+    set_trainable(model, ["*"])
+    groups = param_groups(model, "resnet18", lr=0.1, backbone_lr_fraction=0.25)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["head"]["lr"] == 0.1 and by_name["backbone"]["lr"] == pytest.approx(0.025)
+    assert len(by_name["head"]["params"]) == 2  # type: ignore[arg-type]
+
+
+def test_load_backbone_accepts_imagenet_shaped_weights_and_names_mismatches() -> None:
+    source = torchvision.models.resnet18(weights=None).state_dict()  # 1000-way fc
+    model = build_resnet("resnet18", 3)
+    load_backbone(model, source, "resnet18")
+    assert torch.equal(model.conv1.weight, source["conv1.weight"])
+    with pytest.raises(ValueError, match="missing keys") as err:
+        load_backbone(build_resnet("resnet34", 3), source, "resnet34")
+    assert "layer" in str(err.value)
+
+
+def test_googlenet_state_dict_loads_into_torchvision_googlenet_with_the_standard_stem() -> None:
+    trained = strip_aux_heads(build_googlenet(10, small_input_stem=False))
+    reference = torchvision.models.googlenet(weights=None, aux_logits=False, num_classes=10,
+                                             init_weights=False)
+    reference.load_state_dict(trained.state_dict())  # strict: same keys and shapes
+    # The small stem only drops a weightless max-pool: the keys stay the same.
+    small = strip_aux_heads(build_googlenet(10, small_input_stem=True))
+    assert small.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_googlenet_has_auxiliary_outputs_only_in_training() -> None:
+    model = build_googlenet(4, small_input_stem=True)
+    model.train()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.aux_logits1 is not None and out.aux_logits2 is not None
+    model.eval()
+    with torch.no_grad():
+        assert isinstance(model(torch.randn(2, 3, 32, 32)), torch.Tensor)
+    exported = build_model(ModelSpec(arch="googlenet", num_classes=4, class_names=list("abcd"),
+                                     image_size=32, small_input_stem=True))
+    assert exported.aux1 is None and exported.aux2 is None

@@ -1,0 +1,87 @@
+"""Training loop pieces: schedule, checkpoints, phases and the frozen-feature cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from visionpipe.config import DataConfig, FinetuneConfig, Phase
+from visionpipe.data import PreparedDataset, prepare_dataset
+from visionpipe.models import build_resnet
+from visionpipe.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from visionpipe.training.finetune import check_batch_size, finetune
+from visionpipe.training.loop import warmup_cosine
+
+
+def test_warmup_then_cosine_to_zero() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=20, warmup_steps=5)
+    rates = []
+    for _ in range(20):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == pytest.approx(0.01)
+    assert rates[:6] == sorted(rates[:6]) and rates[5] == pytest.approx(1.0)
+    assert rates[5:] == sorted(rates[5:], reverse=True) and rates[-1] < 0.02
+
+
+def test_checkpoint_round_trip_and_damage_is_detected(tmp_path: Path) -> None:
+    path = tmp_path / "ck" / "last.pt"
+    digest = save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 2}, path)
+    assert len(digest) == 64 and not list(path.parent.glob(".*.tmp"))
+    assert load_checkpoint(path)["epoch"] == 2
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(path)
+
+
+def test_batch_larger_than_the_training_split_is_refused() -> None:
+    with pytest.raises(ValueError, match="batch_size 500 is larger than the training split"):
+        check_batch_size(500, 120)
+
+
+@pytest.fixture()
+def tiny_digits(vp_home: Path) -> PreparedDataset:
+    return prepare_dataset(DataConfig(max_per_class=12))
+
+
+def _random_weights(tmp_path: Path) -> Path:
+    torch.manual_seed(1)
+    path = tmp_path / "w.pth"
+    torch.save(build_resnet("resnet18", 1000).state_dict(), path)
+    return path
+
+
+def test_finetune_runs_phases_checkpoints_and_keeps_the_best(tiny_digits: PreparedDataset,
+                                                              tmp_path: Path) -> None:
+    cfg = FinetuneConfig(arch="resnet18", batch_size=16, phases=[
+        Phase(name="head", trainable=["fc"], epochs=1, lr=0.05),
+        Phase(name="full", trainable=["*"], epochs=2, lr=0.02, warmup_epochs=0.5)])
+    seen: list[dict[str, object]] = []
+    result = finetune(cfg, tiny_digits, _random_weights(tmp_path), tmp_path / "out", seen.append)
+    assert [r["phase"] for r in seen] == ["head", "full", "full"]
+    assert result.epochs_run == 3 and Path(result.best_checkpoint).exists()
+    best = load_checkpoint(Path(result.best_checkpoint))
+    assert best["epoch"] == result.best_epoch and best["val_top1"] == result.best_val_top1
+    assert FinetuneConfig.model_validate_json(best["config"]) == cfg
+    assert {"model", "optimizer", "scheduler", "scaler", "phase", "rng"} <= best.keys()
+
+
+def test_cached_features_train_the_same_head_as_forwarding_the_frozen_backbone(
+    tiny_digits: PreparedDataset, tmp_path: Path
+) -> None:
+    weights = _random_weights(tmp_path)
+    heads = []
+    for cached in (True, False):
+        cfg = FinetuneConfig(arch="resnet18", batch_size=16, cache_frozen_features=cached,
+                             phases=[Phase(name="head", trainable=["fc"], epochs=2, lr=0.05)])
+        result = finetune(cfg, tiny_digits, weights, tmp_path / f"out-{cached}")
+        heads.append(load_checkpoint(Path(result.last_checkpoint))["model"])
+    for key in ("fc.weight", "fc.bias"):
+        torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-4, atol=1e-5)
+    assert torch.equal(heads[0]["layer1.0.bn1.running_mean"], heads[1]["layer1.0.bn1.running_mean"])
