@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import threading
+
 import torch
 from prefect import task
 from prefect.concurrency.sync import concurrency
@@ -61,6 +63,10 @@ class EpochReporter:
         tracking.log_metrics(self.run_id, metrics, step=epoch)
         update_progress_artifact(self.artifact_id, progress=min(100.0, 100.0 * epoch / self.total))
 
+    def done(self) -> None:
+        """Full bar at the end, also when early stopping or skipped phases ran fewer epochs."""
+        update_progress_artifact(self.artifact_id, progress=100.0)
+
 
 @task(name="finetune-backbone", retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=retry_transient)
@@ -74,8 +80,12 @@ def finetune_backbone(cfg: FinetuneConfig, dataset: PreparedDataset, weights: Fe
     run_id = tracking.start_run(context.experiment_id, name, context.parent_run_id, tags=lineage)
     tracking.log_config(run_id, cfg)
     total = sum(p.epochs for p in cfg.phases)
-    result = finetune(cfg, dataset, Path(weights.path), stage_dir(context, name),
-                      on_epoch=EpochReporter(name, run_id, total), random_init=weights.random_init)
+    reporter = EpochReporter(name, run_id, total)
+    with compute_slots(1):
+        result = finetune(cfg, dataset, Path(weights.path), stage_dir(context, name),
+                          on_epoch=reporter, random_init=weights.random_init,
+                          weights_sha256=weights.sha256)
+    reporter.done()
     if result.skipped_phases:
         tracking.set_tags(run_id, {"skipped_phases": ",".join(result.skipped_phases)})
     tracking.log_metrics(run_id, {"best_val_top1": result.best_val_top1,
@@ -103,7 +113,7 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
     cmd = launch.torchrun_command(cfg.launch, job_path, nproc, rdzv_id=context.flow_run_id[:12])
     logger = run_logger()
     logger.info("launching %d process(es) per node: %s", nproc, " ".join(cmd))
-    with gpu_slots(nproc):
+    with compute_slots(nproc):
         launch.run_torchrun(cmd, cfg.launch.timeout_s,
                             lambda rank, line: logger.info("[rank %s] %s", rank if rank is not None else "-", line),
                             env=launch.worker_env(nproc))
@@ -113,14 +123,20 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
     return Candidate(name=name, run_id=run_id, result=result, lineage=lineage)
 
 
-@contextmanager
-def gpu_slots(count: int) -> Iterator[None]:
-    """Hold ``count`` slots of the global concurrency limit ``gpu`` while GPUs are in use.
+_CPU_TRAINING = threading.Lock()
 
-    The limit is optional: without it (or without a GPU) training runs unthrottled.
+
+@contextmanager
+def compute_slots(count: int) -> Iterator[None]:
+    """Hold the compute a training needs while it runs.
+
+    On GPUs: ``count`` slots of the Prefect global concurrency limit ``gpu``, when it exists.
+    On the CPU: this process's one training slot, since two trainings on a few cores only make
+    each other's threads wait (OpenMP spins), and together finish later than one after the other.
     """
-    if not torch.cuda.is_available():
-        yield
+    if torch.cuda.is_available():
+        with concurrency("gpu", occupy=count, strict=False):
+            yield
         return
-    with concurrency("gpu", occupy=count, strict=False):
+    with _CPU_TRAINING:
         yield

@@ -172,8 +172,8 @@ class GoogLeNetConfig(_Config):
     """GoogLeNet (Inception v1) from scratch, trained with DistributedDataParallel."""
 
     enabled: bool = True
-    epochs: int = Field(8, gt=0)
-    batch_size: int = Field(64, gt=0, description="Per process.")
+    epochs: int = Field(5, gt=0)
+    batch_size: int = Field(32, gt=0, description="Per process.")
     lr: float = Field(0.05, gt=0)
     warmup_epochs: float = Field(1.0, ge=0)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(label_smoothing=0.1))

@@ -43,7 +43,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         self.model.load_state_dict(state)
         self.model.eval()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise ValueError("input must be a DataFrame with a column 'image' of encoded image bytes")
         batch_size = int((params or {}).get("batch_size", 64))

@@ -15,6 +15,7 @@ from visionpipe.config import GoogLeNetConfig
 from visionpipe.models import build_googlenet
 from visionpipe.training.distributed import distributed
 from visionpipe.training.loop import classification_loss, train_one_epoch
+from visionpipe.training.syncbn import convert_sync_batchnorm
 from visionpipe.training.worker import build_ddp_model, build_train_loader
 
 
@@ -34,10 +35,14 @@ def shards(out: Path) -> None:
         torch.manual_seed(cfg.seed)
         ddp_model, model = build_ddp_model(cfg, 10, ctx)
         optimizer = torch.optim.SGD(ddp_model.parameters(), lr=0.1)
+        if ctx.is_main:
+            torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / "initial.pt")
         batch = [(x, labels[y]) for x, y in list(loader)[:1]]
         ddp_model.train()
         train_one_epoch(ddp_model, batch, optimizer, None, nn.CrossEntropyLoss(), ctx.device, 0.3)
-        torch.save(model.state_dict(), out / f"weights-{ctx.rank}.pt")
+        # Parameters stay identical under DDP; BatchNorm's running statistics are per rank until
+        # the next forward broadcasts rank 0's buffers.
+        torch.save({n: p.detach() for n, p in model.named_parameters()}, out / f"weights-{ctx.rank}.pt")
         (out / f"shards-{ctx.rank}.json").write_text(json.dumps(seen))
 
 
@@ -45,19 +50,22 @@ def syncbn(out: Path, batch: int) -> None:
     """Gradients of a world-size-2 SyncBatchNorm step with batch B per rank vs one process with 2B."""
     with distributed() as ctx:
         torch.manual_seed(0)
-        model = build_googlenet(10, small_input_stem=True)
+        # float64: GoogLeNet's init (weights ~0.01) gives activations whose variance is near
+        # BatchNorm's eps, which amplifies float32 round-off ~1e4x over 60 layers. In float64
+        # what is left is the order of the sums.
+        model = build_googlenet(10, small_input_stem=True).double()
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0  # dropout masks differ between the runs; BN is what is under test
         reference = copy.deepcopy(model)
         gen = torch.Generator().manual_seed(1)
-        x = torch.randn(2 * batch, 3, 32, 32, generator=gen)
+        x = torch.randn(2 * batch, 3, 32, 32, generator=gen, dtype=torch.float64)
         y = torch.randint(0, 10, (2 * batch,), generator=gen)
         mine = slice(ctx.rank * batch, (ctx.rank + 1) * batch)
         results = {}
         for name, sync in (("sync", True), ("plain", False)):
             net = copy.deepcopy(model)
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync else net
+            net = convert_sync_batchnorm(net, ctx.device) if sync else net
             ddp = DistributedDataParallel(net.train())
             loss, _ = classification_loss(ddp(x[mine]), y[mine], nn.CrossEntropyLoss(), 0.3)
             loss.backward()

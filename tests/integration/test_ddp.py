@@ -40,6 +40,8 @@ def test_ranks_see_disjoint_shards_and_keep_identical_weights(tmp_path: Path) ->
         assert not a & b and a | b == set(range(22)), "shards overlap or miss samples"
     assert seen[0]["1"] != seen[0]["2"], "set_epoch did not reshuffle"
     w0, w1 = (torch.load(tmp_path / f"weights-{r}.pt", weights_only=True) for r in (0, 1))
+    initial = torch.load(tmp_path / "initial.pt", weights_only=True)
+    assert not torch.equal(initial["fc.weight"], w0["fc.weight"]), "the step changed nothing"
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "DDP ranks diverged after a step"
 
 
@@ -47,13 +49,16 @@ def test_syncbn_step_on_two_ranks_matches_one_process_with_the_double_batch(tmp_
     _run(_torchrun_script(["syncbn", str(tmp_path), "4"]))
     grads = torch.load(tmp_path / "grads.pt", weights_only=True)
     ref, sync, plain = grads["reference"], grads["sync"], grads["plain"]
-    # Only the order of float32 sums differs (two partial sums all-reduced vs one sum), so the
-    # gradients agree to float32 round-off accumulated over ~60 layers: 1e-4 relative, 1e-6 absolute.
-    for name, grad in sync.items():
-        torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-6, msg=name)
-    # Without SyncBatchNorm each rank normalises by its own batch: the same check must fail.
-    worst = max(float((plain[n] - ref[n]).abs().max()) for n in plain)
-    assert worst > 1e-3
+    def worst(grads: dict[str, torch.Tensor]) -> float:
+        return max(float((grads[n] - ref[n]).abs().max() / ref[n].abs().max().clamp(min=1e-30))
+                   for n in grads)
+
+    # In float64 only the order of the sums differs (two partial sums all-reduced vs one sum):
+    # measured ~2e-7 of each tensor's largest gradient; 1e-5 leaves room and still catches any
+    # statistic computed per rank, which is off by the whole gradient.
+    assert worst(sync) < 1e-5
+    # Without synchronised BatchNorm each rank normalises by its own batch: the check must fail.
+    assert worst(plain) > 1e-2
 
 
 @pytest.fixture()

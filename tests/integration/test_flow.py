@@ -85,3 +85,22 @@ def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(harnes
     states = asyncio.run(_task_states(str(second.state_details.flow_run_id)))
     assert states["prepare-dataset"] == "Cached" and states["fetch-pretrained-weights"] == "Cached"
     assert len(mlflow.search_model_versions("name='digits-classifier'")) == 3
+
+
+def test_a_failing_rank_fails_the_training_task_with_that_ranks_message(
+    harness: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.tracking import TrackingContext
+    from tasks.train import train_googlenet
+    from visionpipe.data import prepare_dataset
+    from visionpipe.training.launch import LaunchError
+
+    config = PipelineConfig.model_validate(TINY)
+    dataset = prepare_dataset(config.data)
+    experiment = tracking.ensure_experiment("visionpipe")
+    context = TrackingContext(experiment_id=experiment, flow_run_id="failing-rank",
+                              parent_run_id=tracking.start_run(experiment, "parent"))
+    monkeypatch.setenv("VISIONPIPE_INJECT_FAULT", "raise:1")
+    with pytest.raises(LaunchError, match="injected fault on rank 1") as err:
+        train_googlenet.with_options(retries=0)(config.googlenet, dataset, context)
+    assert "rank 1 ended with" in str(err.value)

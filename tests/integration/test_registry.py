@@ -117,7 +117,7 @@ def test_consumer_in_a_fresh_process_loads_the_champion_and_predicts_raw_images(
     assert out.returncode == 0, out.stderr[-2000:]
     answer = json.loads(out.stdout.strip().splitlines()[-1])
     assert answer["columns"] == ["label", "class_name", "probability"]
-    assert "image: binary" in answer["schema"]
+    assert "'image': binary" in answer["schema"]
     accuracy = (pd.Series(answer["labels"]) == test["label"].reset_index(drop=True)).mean()
     expected = evaluate_checkpoint("good", good, dataset, 64, tmp_path / "eval").metrics["top1"]
     # The pyfunc applies the training preprocessing itself: same predictions as evaluation.

@@ -85,3 +85,35 @@ def test_cached_features_train_the_same_head_as_forwarding_the_frozen_backbone(
     for key in ("fc.weight", "fc.bias"):
         torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-4, atol=1e-5)
     assert torch.equal(heads[0]["layer1.0.bn1.running_mean"], heads[1]["layer1.0.bn1.running_mean"])
+
+
+def test_auxiliary_losses_count_with_their_weight_in_training() -> None:
+    from torch import nn
+
+    from visionpipe.training.loop import classification_loss
+
+    labels = torch.tensor([0, 1])
+    main, aux2, aux1 = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    ce = nn.CrossEntropyLoss()
+    loss, logits = classification_loss((main, aux2, aux1), labels, ce, aux_weight=0.3)
+    expected = ce(main, labels) + 0.3 * (ce(aux1, labels) + ce(aux2, labels))
+    torch.testing.assert_close(loss, expected)
+    assert logits is main
+    plain, _ = classification_loss(main, labels, ce, aux_weight=0.3)
+    torch.testing.assert_close(plain, ce(main, labels))
+
+
+def test_the_worker_runs_as_one_plain_process_without_torchrun(tiny_digits: PreparedDataset,
+                                                               tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from visionpipe.config import GoogLeNetConfig
+    from visionpipe.training.worker import WorkerJob, main
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    job = WorkerJob(config=GoogLeNetConfig(epochs=1, batch_size=16), dataset=tiny_digits,
+                    out_dir=str(tmp_path), result_path=str(tmp_path / "result.json"))
+    (tmp_path / "job.json").write_text(job.model_dump_json())
+    assert main([str(tmp_path / "job.json")]) == 0
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["world_size"] == 1 and (tmp_path / "result.json").exists()

@@ -27,6 +27,7 @@ from visionpipe.models import (
 )
 from visionpipe.training.checkpoint import save_checkpoint
 from visionpipe.training.result import TrainResult
+from visionpipe.weights import check_state_dict_keys, load_state_dict_file
 from visionpipe.training.loop import (
     EpochStats,
     build_optimizer,
@@ -72,18 +73,22 @@ def finetune(
     out_dir: Path,
     on_epoch: EpochCallback | None = None,
     random_init: bool = False,
+    weights_sha256: str | None = None,
 ) -> TrainResult:
     """Fine-tune ``cfg.arch`` from ``weights_path`` on ``dataset``, phase after phase.
 
     With ``random_init`` weights there is nothing to transfer: phases that freeze part of the
-    backbone would train a head on random features, so they are skipped with a warning.
+    backbone would train a head on random features, so they are skipped with a warning, and the
+    backbone trains at the head's rate.
     """
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     data = _Data(load_split(dataset, "train"), load_split(dataset, "val"))
     check_batch_size(cfg.batch_size, len(data.train[1]))
     model = build_resnet(cfg.arch, dataset.num_classes)
-    load_backbone(model, torch.load(weights_path, map_location="cpu", weights_only=True), cfg.arch)
+    state = load_state_dict_file(weights_path, weights_sha256)
+    check_state_dict_keys(model, state, ignore_prefixes=[f"{h}." for h in head_modules(cfg.arch)])
+    load_backbone(model, state, cfg.arch)
     model.to(device)
     spec = ModelSpec(arch=cfg.arch, num_classes=dataset.num_classes,
                      class_names=dataset.class_names, image_size=dataset.image_size)
@@ -93,6 +98,11 @@ def finetune(
             log.warning("phase %s skipped: it freezes a randomly initialised backbone", phase.name)
             progress.skipped.append(phase.name)
             continue
+        if random_init and phase.backbone_lr_fraction < 1:
+            # The smaller backbone rate protects pretrained features; random ones have none.
+            log.warning("phase %s: random backbone trains at the full rate, not %.2f of it",
+                        phase.name, phase.backbone_lr_fraction)
+            phase = phase.model_copy(update={"backbone_lr_fraction": 1.0})
         _run_phase(model, phase, data, cfg, device, spec, out_dir, progress, on_epoch)
     return TrainResult(
         best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),

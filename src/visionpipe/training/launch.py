@@ -127,7 +127,9 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
 
 def _failure(code: int, tail: _Tail) -> LaunchError:
     summary = "\n".join(tail.launcher)
-    match = _FAILED_RANK.search(summary)
+    # torchrun's summary lists every failed rank, then the "Root Cause (first observed failure)".
+    root = summary[summary.find("Root Cause"):] if "Root Cause" in summary else summary
+    match = _FAILED_RANK.search(root)
     rank = int(match.group(1)) if match else next(iter(sorted(tail.by_rank)), None)
     local = int(match.group(2)) if match else rank
     lines = "\n".join(tail.by_rank.get(local, [])) if local is not None else summary

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -30,6 +31,7 @@ from visionpipe.training.distributed import DistContext, all_reduce_sum, broadca
 from visionpipe.training.finetune import check_batch_size
 from visionpipe.training.loop import EpochStats, build_optimizer, evaluate, train_one_epoch, warmup_cosine
 from visionpipe.training.result import TrainResult
+from visionpipe.training.syncbn import convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def build_ddp_model(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) ->
     """The network wrapped for DDP (or not, alone) and the bare module whose state is saved."""
     model = build_googlenet(num_classes, cfg.small_input_stem).to(ctx.device)
     if cfg.sync_batchnorm and ctx.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, ctx.device)
     if not ctx.distributed:
         return model, model
     ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
@@ -151,6 +153,7 @@ def write_result(result: TrainResult, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@record  # error files let torchrun name the rank that failed first, not one that died of it
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m visionpipe.training.worker <job.json>", file=sys.stderr)
@@ -159,6 +162,8 @@ def main(argv: list[str]) -> int:
     # torchrun --tee puts the local rank in front of every line; the launching task keeps it.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with distributed(timeout_s=job.config.launch.timeout_s) as ctx:
+        log.info("rank %d of %d on %s (%d threads)", ctx.rank, ctx.world_size, ctx.device,
+                 torch.get_num_threads())
         if ctx.is_main and job.mlflow_run_id:
             tracking.log_params(job.mlflow_run_id, {"world_size": str(ctx.world_size),
                                                     "nnodes": job.config.launch.nnodes})

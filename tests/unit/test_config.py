@@ -1,0 +1,41 @@
+"""The flow's parameter model refuses bad input with a message that names the fix."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from visionpipe.config import PipelineConfig, quickstart
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"finetune": {"arch": "vgg11"}}, "resnet18"),
+    ({"finetune": {"phases": [{"name": "full", "trainable": ["*"], "epochs": 0, "lr": 0.1}]}},
+     "greater than 0"),
+    ({"finetune": {"phases": [{"name": "full", "trainable": ["*"], "epochs": 1, "lr": 0.1,
+                               "backbone_lr_fraction": 1.5}]}}, "less than or equal to 1"),
+    ({"googlenet": {"epochs": -1}}, "greater than 0"),
+    ({"weights": {"sha256": "abc"}}, "64 hex digits"),
+    ({"weights": {"uri": "torchvision:resnet18.IMAGENET1K_V1"}}, "finetune.arch is 'resnet50'"),
+    ({"googlenet": {"launch": {"nnodes": "0:2"}}}, "min:max"),
+    ({"data": {"sourc": "digits"}}, "Extra inputs are not permitted"),
+])
+def test_invalid_parameters_are_refused_with_the_fix(patch: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        PipelineConfig.model_validate(patch)
+
+
+def test_defaults_and_quickstart() -> None:
+    default = PipelineConfig()
+    assert default.finetune.arch == "resnet50" and default.weights.on_unavailable == "fail"
+    assert [p.name for p in default.finetune.phases] == ["head", "full"]
+    assert quickstart().weights.on_unavailable == "random-init"
+    assert default.model_name == "digits-classifier"
+    assert PipelineConfig.model_validate_json(default.model_dump_json()) == default
+
+
+def test_the_form_schema_shows_enums_and_bounds() -> None:
+    schema = PipelineConfig.model_json_schema()
+    finetune = schema["$defs"]["FinetuneConfig"]["properties"]
+    assert finetune["arch"]["enum"] == ["resnet18", "resnet34", "resnet50"]
+    assert schema["$defs"]["Phase"]["properties"]["epochs"]["exclusiveMinimum"] == 0

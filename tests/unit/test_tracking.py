@@ -1,0 +1,34 @@
+"""Secrets stay out of params and tags; runs are addressed by id on the embedded SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from visionpipe import settings, tracking
+from visionpipe.config import PipelineConfig
+
+
+def test_redact_hides_passwords_in_urls_only() -> None:
+    assert tracking.redact("postgresql://vp:s3cret@db:5432/mlflow") == "postgresql://vp:***@db:5432/mlflow"
+    assert tracking.redact("https://example.org/a:b") == "https://example.org/a:b"
+
+
+def test_flatten_gives_dotted_params() -> None:
+    flat = tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x://u:p@h"})
+    assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "x://u:***@h"}
+
+
+def test_embedded_store_lives_in_the_state_folder(vp_home: Path) -> None:
+    assert settings.tracking_uri() == f"sqlite:///{vp_home.resolve() / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment("exp")
+    assert tracking.ensure_experiment("exp") == experiment
+    location = tracking.client().get_experiment(experiment).artifact_location
+    assert location.startswith((vp_home / "mlartifacts").resolve().as_uri())
+    parent = tracking.start_run(experiment, "parent", tags={"prefect.flow_run_id": "fr-1"})
+    child = tracking.start_run(experiment, "child", parent_run_id=parent)
+    tracking.log_config(child, PipelineConfig())
+    run = tracking.client().get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.params["finetune.arch"] == "resnet50"
+    tracking.fail_runs_of_flow_run("fr-1")
+    assert {tracking.client().get_run(r).info.status for r in (parent, child)} == {"FAILED"}
