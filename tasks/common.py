@@ -24,8 +24,12 @@ def _deterministic_types() -> tuple[type[BaseException], ...]:
 
 def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry only failures that a second attempt can fix (network, storage, killed processes)."""
+    from visionpipe.training.launch import LaunchError
+
     try:
         state.result()
+    except LaunchError as exc:
+        return exc.transient  # a killed or preempted rank yes; a rank's ValueError no
     except _deterministic_types():
         return False
     except Exception:  # noqa: BLE001 - anything else (OSError, S3, rendezvous) may be transient

@@ -23,7 +23,7 @@ from visionpipe.data import PreparedDataset
 from visionpipe.training import launch
 from visionpipe.training.finetune import finetune
 from visionpipe.training.result import TrainResult
-from visionpipe.training.worker import WorkerJob
+from visionpipe.training.worker import PREEMPTED_MARKER, WorkerJob
 from visionpipe.weights import FetchedWeights
 
 
@@ -77,8 +77,10 @@ def finetune_backbone(cfg: FinetuneConfig, dataset: PreparedDataset, weights: Fe
     lineage = {"arch": cfg.arch, "dataset_version": dataset.version,
                "weights_source": weights.source, "weights_sha256": weights.sha256,
                "random_init": str(weights.random_init).lower()}
-    run_id = tracking.start_run(context.experiment_id, name, context.parent_run_id, tags=lineage)
-    tracking.log_config(run_id, cfg)
+    run_id, existing = tracking.resume_or_start_run(context.experiment_id, name,
+                                                    context.parent_run_id, tags=lineage)
+    if not existing:
+        tracking.log_config(run_id, cfg)
     total = sum(p.epochs for p in cfg.phases)
     reporter = EpochReporter(name, run_id, total)
     with compute_slots(1):
@@ -86,10 +88,19 @@ def finetune_backbone(cfg: FinetuneConfig, dataset: PreparedDataset, weights: Fe
                           on_epoch=reporter, random_init=weights.random_init,
                           weights_sha256=weights.sha256)
     reporter.done()
+    return _finish(name, run_id, result, lineage)
+
+
+def _finish(name: str, run_id: str, result: TrainResult, lineage: dict[str, str]) -> Candidate:
+    """Record the outcome on the candidate's run and close it."""
     if result.skipped_phases:
         tracking.set_tags(run_id, {"skipped_phases": ",".join(result.skipped_phases)})
-    tracking.log_metrics(run_id, {"best_val_top1": result.best_val_top1,
-                                  "epochs_run": result.epochs_run})
+    metrics = {"best_val_top1": result.best_val_top1, "epochs_run": result.epochs_run}
+    if result.resumed_from_epoch is not None:
+        metrics["resumed_from_epoch"] = result.resumed_from_epoch
+        run_logger().warning("%s resumed from epoch %d of an earlier attempt", name,
+                             result.resumed_from_epoch)
+    tracking.log_metrics(run_id, metrics)
     tracking.end_run(run_id)
     return Candidate(name=name, run_id=run_id, result=result, lineage=lineage)
 
@@ -102,8 +113,10 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
     name = "scratch-googlenet"
     lineage = {"arch": "googlenet", "dataset_version": dataset.version,
                "weights_source": "scratch", "weights_sha256": "", "random_init": "true"}
-    run_id = tracking.start_run(context.experiment_id, name, context.parent_run_id, tags=lineage)
-    tracking.log_config(run_id, cfg)
+    run_id, existing = tracking.resume_or_start_run(context.experiment_id, name,
+                                                    context.parent_run_id, tags=lineage)
+    if not existing:
+        tracking.log_config(run_id, cfg)
     out_dir = stage_dir(context, name)
     job = WorkerJob(config=cfg, dataset=dataset, out_dir=str(out_dir),
                     result_path=str(out_dir / "result.json"), mlflow_run_id=run_id)
@@ -113,14 +126,21 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
     cmd = launch.torchrun_command(cfg.launch, job_path, nproc, rdzv_id=context.flow_run_id[:12])
     logger = run_logger()
     logger.info("launching %d process(es) per node: %s", nproc, " ".join(cmd))
+    marker = out_dir / PREEMPTED_MARKER
+    marker.unlink(missing_ok=True)
     with compute_slots(nproc):
-        launch.run_torchrun(cmd, cfg.launch.timeout_s,
-                            lambda rank, line: logger.info("[rank %s] %s", rank if rank is not None else "-", line),
-                            env=launch.worker_env(nproc))
+        try:
+            launch.run_torchrun(
+                cmd, cfg.launch.timeout_s,
+                lambda rank, line: logger.info("[rank %s] %s", "-" if rank is None else rank, line),
+                env=launch.worker_env(nproc))
+        except launch.LaunchError as exc:
+            if marker.exists():
+                raise launch.Preempted(f"training was preempted ({marker.read_text().strip()}); "
+                                       "a retry resumes from its checkpoint") from exc
+            raise
     result = TrainResult.model_validate_json(Path(job.result_path).read_text())
-    tracking.log_metrics(run_id, {"best_val_top1": result.best_val_top1, "epochs_run": result.epochs_run})
-    tracking.end_run(run_id)
-    return Candidate(name=name, run_id=run_id, result=result, lineage=lineage)
+    return _finish(name, run_id, result, lineage)
 
 
 _CPU_TRAINING = threading.Lock()

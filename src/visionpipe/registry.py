@@ -172,3 +172,36 @@ def _apply_decision(decision: GateDecision, model_name: str, alias: str) -> None
         mlflow_client.set_registered_model_alias(model_name, alias, decision.candidate_version)
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(model_name, decision.candidate_version, key, value)
+
+
+def rollback_champion(model_name: str, alias: str = "champion") -> str:
+    """Move ``alias`` back to the version it held before the current one; return that version."""
+    mlflow_client = client()
+    current = champion_version(model_name, alias)
+    if current is None:
+        raise ValueError(f"{model_name} has no {alias!r} alias to roll back")
+    previous = mlflow_client.get_model_version(model_name, current).tags.get("previous_champion")
+    if not previous:
+        raise ValueError(f"version {current} of {model_name} records no previous {alias}; "
+                         f"set one by hand: MlflowClient().set_registered_model_alias(...)")
+    mlflow_client.set_registered_model_alias(model_name, alias, previous)
+    mlflow_client.set_model_version_tag(model_name, current, "rolled_back_from", alias)
+    log.warning("%s of %s moved back from version %s to %s", alias, model_name, current, previous)
+    return previous
+
+
+def main(argv: list[str]) -> int:
+    """``python -m visionpipe.registry rollback <model> [alias]``: undo the last promotion."""
+    if len(argv) not in (2, 3) or argv[0] != "rollback":
+        print("usage: python -m visionpipe.registry rollback <model-name> [alias]")
+        return 2
+    version = rollback_champion(*argv[1:])
+    print(f"{argv[2] if len(argv) == 3 else 'champion'} of {argv[1]} is now version {version}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main(sys.argv[1:]))

@@ -68,6 +68,20 @@ def start_run(experiment_id: str, name: str, parent_run_id: str | None = None,
     return str(run.info.run_id)
 
 
+def resume_or_start_run(experiment_id: str, name: str, parent_run_id: str,
+                        tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """The nested run ``name`` of this parent (a retried task continues it), or a new one."""
+    found = client().search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{name}'",
+        max_results=1,
+    )
+    if found:
+        client().update_run(found[0].info.run_id, status="RUNNING")
+        return str(found[0].info.run_id), True
+    return start_run(experiment_id, name, parent_run_id, tags), False
+
+
 def end_run(run_id: str, failed: bool = False) -> None:
     status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
     client().set_terminated(run_id, status=status)

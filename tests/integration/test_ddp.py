@@ -82,7 +82,8 @@ def test_worker_trains_on_two_ranks_and_only_rank_zero_writes(tiny_job: tuple[Wo
     assert {r for r, _ in lines if r is not None} == {0, 1}, "both ranks' lines come back"
     out = Path(job.out_dir)
     assert sorted(p.name for p in out.iterdir()) == [
-        "best.pt", "best.pt.sha256", "last.pt", "last.pt.sha256", "result.json"]
+        "best.pt", "best.pt.sha256", "last.pt", "last.pt.sha256", "prev.pt", "prev.pt.sha256",
+        "result.json"]
     state = load_checkpoint(out / "last.pt")
     assert state["rank"] == 0 and state["world_size"] == 2 and state["epoch"] == 2
     assert any(k.startswith("aux1.") for k in state["model"]), "training state keeps the aux heads"

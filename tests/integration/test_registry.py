@@ -72,6 +72,9 @@ def test_gate_promotes_first_and_better_and_keeps_champion_against_worse(
     assert float(mv.tags["gate_champion_score"]) == pytest.approx(decision.champion_score)
     promoted = tracking.client().get_model_version("digits-test", better.version)
     assert promoted.tags["previous_champion"] == first.version
+    # The documented way back: python -m visionpipe.registry rollback <model>
+    assert registry.main(["rollback", "digits-test"]) == 0
+    assert registry.champion_version("digits-test", "champion") == first.version
 
 
 def test_a_retried_registration_reuses_its_version(

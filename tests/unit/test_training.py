@@ -117,3 +117,54 @@ def test_the_worker_runs_as_one_plain_process_without_torchrun(tiny_digits: Prep
     assert main([str(tmp_path / "job.json")]) == 0
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["world_size"] == 1 and (tmp_path / "result.json").exists()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_finetune_resumes_mid_phase_to_the_same_weights(
+    tiny_digits: PreparedDataset, tmp_path: Path
+) -> None:
+    cfg = FinetuneConfig(arch="resnet18", batch_size=16, phases=[
+        Phase(name="head", trainable=["fc"], epochs=1, lr=0.05),
+        Phase(name="full", trainable=["*"], epochs=3, lr=0.01, warmup_epochs=0.5)])
+    weights = _random_weights(tmp_path)
+    straight = finetune(cfg, tiny_digits, weights, tmp_path / "straight")
+
+    def stop_after_two(record: dict[str, object]) -> None:
+        if record["epoch"] == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        finetune(cfg, tiny_digits, weights, tmp_path / "retried", stop_after_two)
+    resumed = finetune(cfg, tiny_digits, weights, tmp_path / "retried")
+    assert resumed.resumed_from_epoch == 2 and resumed.epochs_run == straight.epochs_run == 4
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    a = load_checkpoint(Path(straight.last_checkpoint))["model"]
+    b = load_checkpoint(Path(resumed.last_checkpoint))["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
+
+    rotate_and_save({"model": {}, "epoch": 1}, tmp_path)
+    rotate_and_save({"model": {}, "epoch": 2}, tmp_path)
+    assert latest_checkpoint(tmp_path)["epoch"] == 2  # type: ignore[index]
+    (tmp_path / "last.pt").write_bytes(b"half a file")
+    state = latest_checkpoint(tmp_path)
+    assert state is not None and state["epoch"] == 1 and state["path"].endswith("prev.pt")
+    assert "skipping checkpoint" in caplog.text
+
+
+def test_resuming_with_another_config_is_refused(tiny_digits: PreparedDataset, tmp_path: Path) -> None:
+    cfg = FinetuneConfig(arch="resnet18", batch_size=16,
+                         phases=[Phase(name="head", trainable=["fc"], epochs=1, lr=0.05)])
+    weights = _random_weights(tmp_path)
+    finetune(cfg, tiny_digits, weights, tmp_path / "out")
+    other = cfg.model_copy(update={"batch_size": 8})
+    with pytest.raises(ValueError, match="another finetune config"):
+        finetune(other, tiny_digits, weights, tmp_path / "out")

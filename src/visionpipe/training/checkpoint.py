@@ -57,3 +57,31 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a visionpipe checkpoint (no 'model' entry)")
     return state
+
+
+def rotate_and_save(state: dict[str, Any], folder: Path) -> str:
+    """Write ``last.pt``, keeping the previous one as ``prev.pt`` so one damaged file loses nothing."""
+    last, prev = folder / "last.pt", folder / "prev.pt"
+    if last.exists() and last.with_name("last.pt.sha256").exists():
+        os.replace(last, prev)
+        os.replace(last.with_name("last.pt.sha256"), prev.with_name("prev.pt.sha256"))
+    return save_checkpoint(state, last)
+
+
+def latest_checkpoint(folder: Path) -> dict[str, Any] | None:
+    """The newest checkpoint in ``folder`` that passes its digest check, or None.
+
+    A damaged or half-written newest file is skipped with a warning in favour of the one before.
+    """
+    for name in ("last.pt", "prev.pt"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            state = load_checkpoint(path)
+        except (CheckpointError, RuntimeError, OSError, ValueError) as exc:
+            log.warning("skipping checkpoint %s: %s", path, exc)
+            continue
+        state["path"] = str(path)
+        return state
+    return None

@@ -25,7 +25,7 @@ from visionpipe.models import (
     set_trainable,
     train_mode,
 )
-from visionpipe.training.checkpoint import save_checkpoint
+from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save, save_checkpoint
 from visionpipe.training.result import TrainResult
 from visionpipe.weights import check_state_dict_keys, load_state_dict_file
 from visionpipe.training.loop import (
@@ -50,11 +50,29 @@ class _Data:
 
 @dataclass
 class _Progress:
+    """Where a fine-tuning run stands; saved in every checkpoint so a retry can resume."""
+
     epoch: int = 0
     best_top1: float = -1.0
     best_epoch: int = 0
+    since_best: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    resumed_from_epoch: int | None = None
+
+
+@dataclass
+class _Run:
+    """What every phase of one fine-tuning run shares."""
+
+    model: nn.Module
+    cfg: FinetuneConfig
+    data: _Data
+    device: torch.device
+    spec: ModelSpec
+    out_dir: Path
+    progress: _Progress
+    on_epoch: EpochCallback | None
 
 
 def check_batch_size(batch_size: int, train_count: int) -> None:
@@ -77,6 +95,8 @@ def finetune(
 ) -> TrainResult:
     """Fine-tune ``cfg.arch`` from ``weights_path`` on ``dataset``, phase after phase.
 
+    A checkpoint of an earlier attempt in ``out_dir`` is resumed from (mid-phase), so a retried
+    task ends with the same epochs and, on the CPU, the same weights as an uninterrupted run.
     With ``random_init`` weights there is nothing to transfer: phases that freeze part of the
     backbone would train a head on random features, so they are skipped with a warning, and the
     backbone trains at the head's rate.
@@ -89,27 +109,51 @@ def finetune(
     state = load_state_dict_file(weights_path, weights_sha256)
     check_state_dict_keys(model, state, ignore_prefixes=[f"{h}." for h in head_modules(cfg.arch)])
     load_backbone(model, state, cfg.arch)
-    model.to(device)
     spec = ModelSpec(arch=cfg.arch, num_classes=dataset.num_classes,
                      class_names=dataset.class_names, image_size=dataset.image_size)
-    progress = _Progress()
-    for phase in cfg.phases:
+    run = _Run(model, cfg, data, device, spec, out_dir, _Progress(), on_epoch)
+    resume = _resume_state(run)
+    model.to(device)
+    for index, phase in enumerate(cfg.phases):
+        if resume is not None and index < resume["phase_index"] + int(resume["phase_done"]):
+            continue
         if random_init and _freezes_backbone(model, phase):
             log.warning("phase %s skipped: it freezes a randomly initialised backbone", phase.name)
-            progress.skipped.append(phase.name)
+            run.progress.skipped.append(phase.name)
             continue
         if random_init and phase.backbone_lr_fraction < 1:
             # The smaller backbone rate protects pretrained features; random ones have none.
             log.warning("phase %s: random backbone trains at the full rate, not %.2f of it",
                         phase.name, phase.backbone_lr_fraction)
             phase = phase.model_copy(update={"backbone_lr_fraction": 1.0})
-        _run_phase(model, phase, data, cfg, device, spec, out_dir, progress, on_epoch)
+        same_phase = resume is not None and index == resume["phase_index"]
+        _run_phase(run, index, phase, resume if same_phase else None)
+    progress = run.progress
     return TrainResult(
         best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
         best_val_top1=progress.best_top1, best_epoch=progress.best_epoch,
         epochs_run=progress.epoch, spec=spec, history=progress.history,
-        skipped_phases=progress.skipped,
+        skipped_phases=progress.skipped, resumed_from_epoch=progress.resumed_from_epoch,
     )
+
+
+def _resume_state(run: _Run) -> dict[str, Any] | None:
+    """Load the newest valid checkpoint of an earlier attempt into the model and progress."""
+    state = latest_checkpoint(run.out_dir)
+    if state is None:
+        return None
+    if FinetuneConfig.model_validate_json(state["config"]) != run.cfg:
+        raise ValueError(f"{state['path']} was written with another finetune config; use a new "
+                         "flow run, or delete that folder to start this stage over")
+    run.model.load_state_dict(state["model"])
+    saved = state["progress"]
+    since_best = 0 if state["phase_done"] else saved["since_best"]  # patience counts per phase
+    run.progress = _Progress(epoch=state["epoch"], best_top1=saved["best_top1"],
+                             best_epoch=saved["best_epoch"], since_best=since_best,
+                             history=list(saved["history"]), skipped=list(saved["skipped"]),
+                             resumed_from_epoch=state["epoch"])
+    log.info("resuming from %s: epoch %d, phase %s", state["path"], state["epoch"], state["phase"])
+    return state
 
 
 def _freezes_backbone(model: nn.Module, phase: Phase) -> bool:
@@ -117,40 +161,48 @@ def _freezes_backbone(model: nn.Module, phase: Phase) -> bool:
     return not all(p.requires_grad for p in model.parameters())
 
 
-def _run_phase(
-    model: nn.Module, phase: Phase, data: _Data, cfg: FinetuneConfig, device: torch.device,
-    spec: ModelSpec, out_dir: Path, progress: _Progress, on_epoch: EpochCallback | None,
-) -> None:
+def _run_phase(run: _Run, index: int, phase: Phase, resume: dict[str, Any] | None) -> None:
     """Train one phase with a fresh optimizer and schedule; stop early on a plateau."""
+    model, cfg, progress = run.model, run.cfg, run.progress
     trainable = set_trainable(model, phase.trainable)
     log.info("phase %s: %d trainable tensors", phase.name, len(trainable))
     optimizer = build_optimizer(
-        param_groups(model, cfg.arch, phase.lr, phase.backbone_lr_fraction), cfg.optim, device
+        param_groups(model, cfg.arch, phase.lr, phase.backbone_lr_fraction), cfg.optim, run.device
     )
-    steps = math.ceil(len(data.train[1]) / cfg.batch_size)
+    steps = math.ceil(len(run.data.train[1]) / cfg.batch_size)
     scheduler = warmup_cosine(optimizer, phase.epochs * steps, int(phase.warmup_epochs * steps))
+    first = 1
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        first = resume["phase_epoch"] + 1
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    batches = _phase_batches(model, cfg, data, device)
-    since_best = 0
-    for phase_epoch in range(1, phase.epochs + 1):
+    batches = _phase_batches(model, cfg, run.data, run.device)
+    for phase_epoch in range(first, phase.epochs + 1):
+        # Seeded per epoch, so a resumed run draws the same numbers as an uninterrupted one.
+        torch.manual_seed(cfg.seed * 100_003 + progress.epoch + 1)
         train_mode(model)
         train_stats = train_one_epoch(batches.train_model, batches.train(progress.epoch),
-                                      optimizer, scheduler, criterion, device)
-        val_stats = evaluate(batches.val_model, batches.val, criterion, device)
+                                      optimizer, scheduler, criterion, run.device)
+        val_stats = evaluate(batches.val_model, batches.val, criterion, run.device)
         progress.epoch += 1
         improved = val_stats.top1 > progress.best_top1
-        record = _epoch_record(phase, phase_epoch, progress.epoch, train_stats, val_stats)
-        _save(model, optimizer, scheduler, cfg, spec, record, out_dir, improved)
         if improved:
-            progress.best_top1, progress.best_epoch, since_best = val_stats.top1, progress.epoch, 0
+            progress.best_top1, progress.best_epoch, progress.since_best = val_stats.top1, progress.epoch, 0
         else:
-            since_best += 1
+            progress.since_best += 1
+        record = _epoch_record(phase, phase_epoch, progress.epoch, train_stats, val_stats)
         progress.history.append(record)
-        if on_epoch:
-            on_epoch(record)
-        if since_best >= cfg.early_stopping_patience:
-            log.info("phase %s: no better val top-1 for %d epochs, stopping", phase.name, since_best)
+        stop = progress.since_best >= cfg.early_stopping_patience
+        done = stop or phase_epoch == phase.epochs
+        _save(run, optimizer, scheduler, record, index, done, improved)
+        if run.on_epoch:
+            run.on_epoch(record)
+        if stop:
+            log.info("phase %s: no better val top-1 for %d epochs, stopping", phase.name,
+                     progress.since_best)
             break
+    progress.since_best = 0
 
 
 @dataclass
@@ -218,15 +270,20 @@ def _epoch_record(phase: Phase, phase_epoch: int, epoch: int, train: EpochStats,
     }
 
 
-def _save(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: FinetuneConfig,
-          spec: ModelSpec, record: dict[str, Any], out_dir: Path, improved: bool) -> None:
+def _save(run: _Run, optimizer: torch.optim.Optimizer, scheduler: Any, record: dict[str, Any],
+          phase_index: int, phase_done: bool, improved: bool) -> None:
+    progress = run.progress
     state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "model": run.model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": {}, "epoch": record["epoch"],
-        "phase": record["phase"], "phase_epoch": record["phase_epoch"],
-        "val_top1": record["val_top1"], "config": cfg.model_dump_json(),
-        "spec": spec.model_dump_json(), "rng": torch.get_rng_state(),
+        "phase": record["phase"], "phase_index": phase_index, "phase_epoch": record["phase_epoch"],
+        "phase_done": phase_done, "val_top1": record["val_top1"],
+        "config": run.cfg.model_dump_json(), "spec": run.spec.model_dump_json(),
+        "rng": torch.get_rng_state(),
+        "progress": {"best_top1": progress.best_top1, "best_epoch": progress.best_epoch,
+                     "since_best": progress.since_best, "history": progress.history,
+                     "skipped": progress.skipped},
     }
-    save_checkpoint(state, out_dir / "last.pt")
+    rotate_and_save(state, run.out_dir)
     if improved:
-        save_checkpoint(state, out_dir / "best.pt")
+        save_checkpoint(state, run.out_dir / "best.pt")

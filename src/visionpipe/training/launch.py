@@ -25,12 +25,43 @@ _PREFIX = re.compile(r"^\[(?:default|rank)(\d+)\]:(.*)$")
 _FAILED_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
 
 
-class LaunchError(RuntimeError):
-    """The launch failed; ``rank`` is the first failing rank when torchrun named one."""
+# Exceptions that a rank raises because of its input or its code: another attempt fails alike.
+DETERMINISTIC_ERRORS = frozenset({
+    "ValueError", "TypeError", "KeyError", "IndexError", "AttributeError", "AssertionError",
+    "NotImplementedError", "ImportError", "ModuleNotFoundError", "ZeroDivisionError",
+    "FileNotFoundError", "ValidationError", "DatasetError", "WeightsError", "CheckpointError",
+})
+_EXCEPTION_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?(?:[\w.]+\.)?(\w+(?:Error|Exception))(?::|$)")
+_EXIT_CODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 
-    def __init__(self, message: str, rank: int | None = None, exit_code: int | None = None) -> None:
+
+class LaunchError(RuntimeError):
+    """The launch failed; ``rank`` is the first failing rank when torchrun named one.
+
+    ``rank_exit_code`` is that rank's own exit code (negative: killed by that signal) and
+    ``exception`` the name of the exception it raised, if it raised one.
+    """
+
+    def __init__(self, message: str, rank: int | None = None, exit_code: int | None = None,
+                 rank_exit_code: int | None = None, exception: str | None = None) -> None:
         super().__init__(message)
         self.rank, self.exit_code = rank, exit_code
+        self.rank_exit_code, self.exception = rank_exit_code, exception
+
+    @property
+    def transient(self) -> bool:
+        """A killed or preempted rank, or a failure that was not a deterministic exception."""
+        if self.rank_exit_code is not None and self.rank_exit_code < 0:
+            return True  # SIGKILL (out-of-memory killer), SIGTERM: the machine, not the code
+        return self.exception not in DETERMINISTIC_ERRORS
+
+
+class Preempted(LaunchError):
+    """The ranks were asked to stop (SIGTERM) and checkpointed: always worth a retry."""
+
+    @property
+    def transient(self) -> bool:
+        return True
 
 
 class LaunchTimeout(LaunchError):
@@ -132,9 +163,15 @@ def _failure(code: int, tail: _Tail) -> LaunchError:
     match = _FAILED_RANK.search(root)
     rank = int(match.group(1)) if match else next(iter(sorted(tail.by_rank)), None)
     local = int(match.group(2)) if match else rank
-    lines = "\n".join(tail.by_rank.get(local, [])) if local is not None else summary
-    return LaunchError(f"DDP worker failed (torchrun exit code {code}); rank {rank} ended with:\n"
-                       f"{lines or summary}", rank=rank, exit_code=code)
+    lines = list(tail.by_rank.get(local, [])) if local is not None else []
+    exit_match = _EXIT_CODE.search(root)
+    exceptions = [m.group(1) for line in lines + root.splitlines()
+                  if (m := _EXCEPTION_LINE.match(line)) and m.group(1) != "ChildFailedError"]
+    text = "\n".join(lines) or summary
+    return LaunchError(f"DDP worker failed (torchrun exit code {code}); rank {rank} ended with:\n{text}",
+                       rank=rank, exit_code=code,
+                       rank_exit_code=int(exit_match.group(1)) if exit_match else None,
+                       exception=exceptions[-1] if exceptions else None)
 
 
 def new_rdzv_id() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,8 @@ class EpochStats:
     correct: int = 0
     count: int = 0
     seconds: float = 0.0
+    steps: int = 0  # batches done in this epoch, skipped ones included
+    stopped: bool = False  # interrupted by ``should_stop`` before the epoch's end
 
     @property
     def loss(self) -> float:
@@ -69,11 +71,24 @@ def train_one_epoch(
     criterion: nn.Module,
     device: torch.device,
     aux_weight: float = 0.0,
+    skip: int = 0,
+    step_seed: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> EpochStats:
-    """One pass over ``batches``; the scheduler steps per batch. The caller sets train mode."""
+    """One pass over ``batches``; the scheduler steps per batch. The caller sets train mode.
+
+    ``skip`` passes over the batches an interrupted attempt already trained on; ``step_seed``
+    seeds each step (dropout) by its index, so a resumed epoch draws what an uninterrupted one
+    would; ``should_stop`` is asked after every step and ends the epoch early when it says so.
+    """
     stats = EpochStats()
     start = time.perf_counter()
-    for images, labels in batches:
+    for step, (images, labels) in enumerate(batches):
+        if step < skip:
+            stats.steps += 1
+            continue
+        if step_seed is not None:
+            torch.manual_seed(step_seed + step)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         loss, logits = classification_loss(model(images), labels, criterion, aux_weight)
@@ -87,6 +102,10 @@ def train_one_epoch(
         stats.loss_sum += loss.item() * n
         stats.correct += int((logits.argmax(1) == labels).sum())
         stats.count += n
+        stats.steps += 1
+        if should_stop is not None and should_stop():
+            stats.stopped = True
+            break
     stats.seconds = time.perf_counter() - start
     return stats
 

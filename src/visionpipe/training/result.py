@@ -19,3 +19,4 @@ class TrainResult(BaseModel):
     history: list[dict[str, Any]]
     world_size: int = 1
     skipped_phases: list[str] = []
+    resumed_from_epoch: int | None = None

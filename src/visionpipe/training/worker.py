@@ -9,13 +9,15 @@ writes checkpoints, logs to MLflow and writes the result file.
 from __future__ import annotations
 
 import logging
-import math
 import os
+import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -26,7 +28,7 @@ from visionpipe import tracking
 from visionpipe.config import GoogLeNetConfig
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.models import ModelSpec, build_googlenet
-from visionpipe.training.checkpoint import save_checkpoint
+from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save, save_checkpoint
 from visionpipe.training.distributed import DistContext, all_reduce_sum, broadcast_float, distributed
 from visionpipe.training.finetune import check_batch_size
 from visionpipe.training.loop import EpochStats, build_optimizer, evaluate, train_one_epoch, warmup_cosine
@@ -46,25 +48,22 @@ class WorkerJob(BaseModel):
     mlflow_run_id: str | None = None
 
 
-def build_ddp_model(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
-    """The network wrapped for DDP (or not, alone) and the bare module whose state is saved."""
-    model = build_googlenet(num_classes, cfg.small_input_stem).to(ctx.device)
-    if cfg.sync_batchnorm and ctx.distributed:
-        model = convert_sync_batchnorm(model, ctx.device)
-    if not ctx.distributed:
-        return model, model
-    ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True), model
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", what a preempted rank exits with
+PREEMPTED_MARKER = "PREEMPTED"
 
 
 def build_train_loader(images: torch.Tensor, labels: torch.Tensor, cfg: GoogLeNetConfig,
-                       ctx: DistContext) -> tuple[DataLoader[Any], DistributedSampler[Any] | None]:
-    """This rank's shard of the training split; call ``sampler.set_epoch`` every epoch."""
+                       ctx: DistContext, epoch: int = 1,
+                       ) -> tuple[DataLoader[Any], DistributedSampler[Any] | None]:
+    """This rank's shard of the training split for ``epoch`` (a new shuffle every epoch)."""
     sampler = (DistributedSampler(TensorDataset(images, labels), num_replicas=ctx.world_size,
                                   rank=ctx.rank, shuffle=True, seed=cfg.seed)
                if ctx.distributed else None)
+    if sampler is not None:
+        sampler.set_epoch(epoch)  # the same permutation on every rank, a new one each epoch
+    # Augmentation is seeded per epoch and rank, so a resumed epoch sees the same crops.
     loader = build_loader(images, labels, cfg.batch_size, shuffle=True, augment=cfg.augment,
-                          seed=cfg.seed + ctx.rank, sampler=sampler, flip=False)
+                          seed=cfg.seed + 7919 * epoch + ctx.rank, sampler=sampler, flip=False)
     return loader, sampler
 
 
@@ -75,47 +74,171 @@ def inject_fault(ctx: DistContext) -> None:
         raise RuntimeError(f"injected fault on rank {ctx.rank}")
 
 
+class StopSignal:
+    """SIGTERM (preemption) asks to stop; all ranks agree on it after every step."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopSignal:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if not self.ctx.distributed:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank preempted stops them all
+        return bool(flag.item() > 0)
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; ``main`` turns it into an exit code."""
+
+
+@dataclass
+class _State:
+    epoch: int = 0  # completed epochs
+    step: int = 0  # batches done in the next epoch (a preemption checkpoint)
+    best: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_epoch: int | None = None
+
+
+@dataclass
+class _Trainer:
+    job: WorkerJob
+    ctx: DistContext
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    spec: ModelSpec
+    state: _State
+
+
 def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
-    """Train ``job.config.epochs`` epochs; each rank sees its own shard of the training split."""
+    """Train ``job.config.epochs`` epochs; each rank sees its own shard of the training split.
+
+    An earlier attempt's checkpoint in ``job.out_dir`` is resumed from, mid-epoch included.
+    """
     cfg, dataset = job.config, job.dataset
     inject_fault(ctx)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     train_x, train_y = load_split(dataset, "train")
     check_batch_size(cfg.batch_size, len(train_y) // ctx.world_size)
-    loader, sampler = build_train_loader(train_x, train_y, cfg, ctx)
     val_loader = build_loader(*load_split(dataset, "val"), batch_size=cfg.batch_size * 2,
                               shuffle=False, augment=False, seed=0)
-    ddp_model, model = build_ddp_model(cfg, dataset.num_classes, ctx)
-    optimizer = build_optimizer([{"params": list(ddp_model.parameters()), "lr": cfg.lr}], cfg.optim,
-                                ctx.device)
-    steps = len(loader)
-    scheduler = warmup_cosine(optimizer, cfg.epochs * steps, int(cfg.warmup_epochs * steps))
+    trainer = _build_trainer(job, ctx, steps_per_epoch=len(build_train_loader(train_x, train_y, cfg, ctx)[0]))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    state = trainer.state
+    with StopSignal(ctx) as stop:
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            loader, _ = build_train_loader(train_x, train_y, cfg, ctx, epoch)
+            trainer.ddp_model.train()
+            local = train_one_epoch(
+                trainer.ddp_model, loader, trainer.optimizer, trainer.scheduler, criterion,
+                ctx.device, aux_weight=cfg.aux_weight, skip=state.step,
+                step_seed=(cfg.seed * 1_000_003 + epoch * 10_007 + ctx.rank) * 1009,
+                should_stop=stop.agreed)
+            if local.stopped:
+                _preempt(trainer, local.steps)
+            state.step = 0
+            train = EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds)
+            val_top1 = broadcast_float(_validate(trainer.model, val_loader, criterion, ctx), ctx)
+            _end_epoch(trainer, epoch, train, val_top1)
+    out_dir = Path(job.out_dir)
+    return TrainResult(best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
+                       best_val_top1=state.best, best_epoch=state.best_epoch, epochs_run=cfg.epochs,
+                       spec=trainer.spec, history=state.history, world_size=ctx.world_size,
+                       resumed_from_epoch=state.resumed_from_epoch)
+
+
+def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int) -> _Trainer:
+    """Model, optimizer and schedule, restored from the newest valid checkpoint if there is one."""
+    cfg, dataset = job.config, job.dataset
+    model = build_googlenet(dataset.num_classes, cfg.small_input_stem)
     spec = ModelSpec(arch="googlenet", num_classes=dataset.num_classes, class_names=dataset.class_names,
                      image_size=dataset.image_size, small_input_stem=cfg.small_input_stem)
-    out_dir = Path(job.out_dir)
-    best, best_epoch, history = -1.0, 0, []
-    for epoch in range(1, cfg.epochs + 1):
-        if sampler is not None:
-            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        ddp_model.train()
-        local = train_one_epoch(ddp_model, loader, optimizer, scheduler, criterion, ctx.device,
-                                aux_weight=cfg.aux_weight)
-        train = EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds)
-        val_top1 = broadcast_float(_validate(model, val_loader, criterion, ctx), ctx)
-        record = {"epoch": epoch, "train_loss": train.loss, "train_top1": train.top1,
-                  "val_top1": val_top1, "train_images_per_s": train.images_per_s,
-                  "train_seconds": train.seconds}
-        improved = val_top1 > best
-        if improved:
-            best, best_epoch = val_top1, epoch
-        history.append(record)
-        if ctx.is_main:
-            _save(model, optimizer, scheduler, cfg, spec, record, out_dir, improved, ctx)
-            _report(job, record, ctx)
-    return TrainResult(best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
-                       best_val_top1=best, best_epoch=best_epoch, epochs_run=cfg.epochs, spec=spec,
-                       history=history, world_size=ctx.world_size)
+    saved = latest_checkpoint(Path(job.out_dir))  # every rank reads rank 0's files
+    state = _State()
+    if saved is not None:
+        _check_resumable(saved, cfg)
+        model.load_state_dict(saved["model"])
+        progress = saved["progress"]
+        state = _State(epoch=saved["epoch"], step=saved["step"], best=progress["best"],
+                       best_epoch=progress["best_epoch"], history=list(progress["history"]),
+                       resumed_from_epoch=saved["epoch"])
+        log.info("resuming from %s: epoch %d done, %d steps into the next", saved["path"],
+                 saved["epoch"], saved["step"])
+    model.to(ctx.device)
+    ddp_model, model = _wrap(model, cfg, ctx)
+    optimizer = build_optimizer([{"params": list(ddp_model.parameters()), "lr": cfg.lr}], cfg.optim,
+                                ctx.device)
+    scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch,
+                              int(cfg.warmup_epochs * steps_per_epoch))
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    return _Trainer(job, ctx, model, ddp_model, optimizer, scheduler, spec, state)
+
+
+def _check_resumable(saved: dict[str, Any], cfg: GoogLeNetConfig) -> None:
+    # Launch settings may change between attempts (an elastic restart); training ones may not.
+    before = GoogLeNetConfig.model_validate_json(saved["config"]).model_dump(exclude={"launch"})
+    if before != cfg.model_dump(exclude={"launch"}):
+        raise ValueError(f"{saved['path']} was written with another googlenet config; use a new "
+                         "flow run, or delete that folder to start this stage over")
+
+
+def build_ddp_model(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+    """The network wrapped for DDP (or not, alone) and the bare module whose state is saved."""
+    return _wrap(build_googlenet(num_classes, cfg.small_input_stem).to(ctx.device), cfg, ctx)
+
+
+def _wrap(model: nn.Module, cfg: GoogLeNetConfig, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+    if cfg.sync_batchnorm and ctx.distributed:
+        model = convert_sync_batchnorm(model, ctx.device)
+    if not ctx.distributed:
+        return model, model
+    ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True), model
+
+
+def _end_epoch(trainer: _Trainer, epoch: int, train: EpochStats, val_top1: float) -> None:
+    state = trainer.state
+    record = {"epoch": epoch, "train_loss": train.loss, "train_top1": train.top1,
+              "val_top1": val_top1, "train_images_per_s": train.images_per_s,
+              "train_seconds": train.seconds}
+    improved = val_top1 > state.best
+    if improved:
+        state.best, state.best_epoch = val_top1, epoch
+    state.epoch = epoch
+    state.history.append(record)
+    if trainer.ctx.is_main:
+        _save(trainer, improved)
+        _report(trainer.job, record, trainer.ctx)
+
+
+def _preempt(trainer: _Trainer, steps_done: int) -> None:
+    """Checkpoint the step just finished (rank 0), leave a marker for the task, and stop."""
+    trainer.state.step = steps_done
+    if trainer.ctx.is_main:
+        _save(trainer, improved=False)
+        marker = Path(trainer.job.out_dir) / PREEMPTED_MARKER
+        marker.write_text(f"epoch {trainer.state.epoch} done, {steps_done} steps into the next\n")
+        log.warning("preempted: checkpoint written %d steps into epoch %d", steps_done,
+                    trainer.state.epoch + 1)
+    raise Preempted
 
 
 def _validate(model: nn.Module, loader: object, criterion: nn.Module, ctx: DistContext) -> float:
@@ -125,17 +248,21 @@ def _validate(model: nn.Module, loader: object, criterion: nn.Module, ctx: DistC
     return evaluate(model, loader, criterion, ctx.device).top1  # type: ignore[arg-type]
 
 
-def _save(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, cfg: GoogLeNetConfig,
-          spec: ModelSpec, record: dict[str, float], out_dir: Path, improved: bool,
-          ctx: DistContext) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": {},  # type: ignore[attr-defined]
-             "epoch": int(record["epoch"]), "phase": "scratch", "val_top1": record["val_top1"],
-             "config": cfg.model_dump_json(), "spec": spec.model_dump_json(),
-             "world_size": ctx.world_size, "rank": ctx.rank, "rng": torch.get_rng_state()}
-    save_checkpoint(state, out_dir / "last.pt")
+def _save(trainer: _Trainer, improved: bool) -> None:
+    state, ctx, cfg = trainer.state, trainer.ctx, trainer.job.config
+    checkpoint = {
+        "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(), "scaler": {}, "epoch": state.epoch,
+        "step": state.step, "phase": "scratch", "config": cfg.model_dump_json(),
+        "spec": trainer.spec.model_dump_json(), "world_size": ctx.world_size, "rank": ctx.rank,
+        "val_top1": state.history[-1]["val_top1"] if state.history else 0.0,
+        "rng": torch.get_rng_state(),
+        "progress": {"best": state.best, "best_epoch": state.best_epoch, "history": state.history},
+    }
+    out_dir = Path(trainer.job.out_dir)
+    rotate_and_save(checkpoint, out_dir)
     if improved:
-        save_checkpoint(state, out_dir / "best.pt")
+        save_checkpoint(checkpoint, out_dir / "best.pt")
 
 
 def _report(job: WorkerJob, record: dict[str, float], ctx: DistContext) -> None:
@@ -167,7 +294,10 @@ def main(argv: list[str]) -> int:
         if ctx.is_main and job.mlflow_run_id:
             tracking.log_params(job.mlflow_run_id, {"world_size": str(ctx.world_size),
                                                     "nnodes": job.config.launch.nnodes})
-        result = train_googlenet(job, ctx)
+        try:
+            result = train_googlenet(job, ctx)
+        except Preempted:
+            return PREEMPTED_EXIT_CODE
         if ctx.is_main:
             write_result(result, Path(job.result_path))
     return 0
