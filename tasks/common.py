@@ -7,7 +7,9 @@ from typing import Any
 
 from prefect import Task
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
+from prefect.utilities.hashing import hash_objects
 
 # Errors that come from the input or the code: a retry would fail the same way.
 DETERMINISTIC: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, LookupError,
@@ -16,10 +18,11 @@ DETERMINISTIC: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyErro
 
 def _deterministic_types() -> tuple[type[BaseException], ...]:
     from visionpipe.data import DatasetError
+    from visionpipe.training.checkpoint import CheckpointError
     from visionpipe.weights import WeightsError, WeightsUnavailable
 
     # Unreachable weight sources were already retried with backoff inside the fetch.
-    return (*DETERMINISTIC, DatasetError, WeightsError, WeightsUnavailable)
+    return (*DETERMINISTIC, DatasetError, WeightsError, WeightsUnavailable, CheckpointError)
 
 
 def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -35,6 +38,15 @@ def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
     except Exception:  # noqa: BLE001 - anything else (OSError, S3, rendezvous) may be transient
         return True
     return False
+
+
+def per_flow_run(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key: this flow run and the task's inputs (dataset version, weights digest, config).
+
+    A retried or re-run flow run skips the stages it already finished; a new flow run (tonight's
+    schedule) trains anew.
+    """
+    return f"{context.task.name}-{context.task_run.flow_run_id}-{hash_objects(parameters)}"
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from tasks.common import per_flow_run
 from tasks.tracking import TrackingContext
 from tasks.train import Candidate, stage_dir
 from visionpipe import tracking
@@ -15,7 +16,8 @@ from visionpipe.data import PreparedDataset
 from visionpipe.evaluation import Evaluation, evaluate_checkpoint
 
 
-@task(name="evaluate-candidates", retries=2, retry_delay_seconds=[5, 30])
+@task(name="evaluate-candidates", retries=2, retry_delay_seconds=[5, 30],
+      cache_key_fn=per_flow_run, persist_result=True)
 def evaluate_candidates(candidates: list[Candidate], dataset: PreparedDataset, cfg: EvalConfig,
                         context: TrackingContext) -> list[Evaluation]:
     """Test-split metrics for each candidate, logged to its run and compared side by side."""

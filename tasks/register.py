@@ -7,20 +7,22 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common import run_logger
+from tasks.common import retry_transient, run_logger
 from tasks.tracking import TrackingContext
 from tasks.train import Candidate, stage_dir
-from visionpipe import registry, tracking
+from visionpipe import faults, registry, tracking
 from visionpipe.config import RegistryConfig
 from visionpipe.data import PreparedDataset
 from visionpipe.evaluation import Evaluation
 
 
-@task(name="register-model", retries=2, retry_delay_seconds=[5, 30])
+@task(name="register-model", retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_transient)
 def register_model(candidates: list[Candidate], evaluations: list[Evaluation],
                    dataset: PreparedDataset, cfg: RegistryConfig, model_name: str,
                    context: TrackingContext) -> registry.GateDecision:
     """Register each candidate with its lineage; promote the best one only if it wins."""
+    faults.inject("bug", "register")
     scores = {e.candidate: e.metrics for e in evaluations}
     registrations = []
     for candidate in candidates:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import runtime, task
 from pydantic import BaseModel
 
+from tasks.common import per_flow_run
 from visionpipe import tracking
 from visionpipe.config import PipelineConfig
 
@@ -17,7 +18,8 @@ class TrackingContext(BaseModel):
     flow_run_id: str
 
 
-@task(name="open-tracking-run", retries=3, retry_delay_seconds=[2, 10, 30])
+@task(name="open-tracking-run", retries=3, retry_delay_seconds=[2, 10, 30],
+      cache_key_fn=per_flow_run, persist_result=True)
 def open_tracking_run(config: PipelineConfig) -> TrackingContext:
     """One MLflow parent run per flow run, tagged with the flow run and the git commit."""
     flow_run_id = str(runtime.flow_run.id or "local")

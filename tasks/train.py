@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import threading
 
@@ -15,7 +15,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel
 
-from tasks.common import retry_transient, run_logger
+from tasks.common import per_flow_run, retry_transient, run_logger
 from tasks.tracking import TrackingContext
 from visionpipe import settings, tracking
 from visionpipe.config import FinetuneConfig, GoogLeNetConfig
@@ -25,6 +25,9 @@ from visionpipe.training.finetune import finetune
 from visionpipe.training.result import TrainResult
 from visionpipe.training.worker import PREEMPTED_MARKER, WorkerJob
 from visionpipe.weights import FetchedWeights
+
+
+C = TypeVar("C", FinetuneConfig, GoogLeNetConfig)
 
 
 class Candidate(BaseModel):
@@ -69,7 +72,7 @@ class EpochReporter:
 
 
 @task(name="finetune-backbone", retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=retry_transient)
+      retry_condition_fn=retry_transient, cache_key_fn=per_flow_run, persist_result=True)
 def finetune_backbone(cfg: FinetuneConfig, dataset: PreparedDataset, weights: FetchedWeights,
                       context: TrackingContext) -> Candidate:
     """Phase by phase transfer learning of ``cfg.arch`` from the fetched weights."""
@@ -84,9 +87,9 @@ def finetune_backbone(cfg: FinetuneConfig, dataset: PreparedDataset, weights: Fe
     total = sum(p.epochs for p in cfg.phases)
     reporter = EpochReporter(name, run_id, total)
     with compute_slots(1):
-        result = finetune(cfg, dataset, Path(weights.path), stage_dir(context, name),
-                          on_epoch=reporter, random_init=weights.random_init,
-                          weights_sha256=weights.sha256)
+        result = with_oom_fallback(cfg, lambda c: finetune(
+            c, dataset, Path(weights.path), stage_dir(context, name), on_epoch=reporter,
+            random_init=weights.random_init, weights_sha256=weights.sha256))
     reporter.done()
     return _finish(name, run_id, result, lineage)
 
@@ -106,7 +109,7 @@ def _finish(name: str, run_id: str, result: TrainResult, lineage: dict[str, str]
 
 
 @task(name="train-googlenet", retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=retry_transient)
+      retry_condition_fn=retry_transient, cache_key_fn=per_flow_run, persist_result=True)
 def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
                     context: TrackingContext) -> Candidate:
     """GoogLeNet from scratch: torchrun starts the DDP worker module in its own processes."""
@@ -118,12 +121,20 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
     if not existing:
         tracking.log_config(run_id, cfg)
     out_dir = stage_dir(context, name)
+    result = with_oom_fallback(
+        cfg, lambda c: _launch_worker(c, dataset, out_dir, run_id, context.flow_run_id[:12]))
+    return _finish(name, run_id, result, lineage)
+
+
+def _launch_worker(cfg: GoogLeNetConfig, dataset: PreparedDataset, out_dir: Path, run_id: str,
+                   rdzv_id: str) -> TrainResult:
+    """Write the job, run torchrun, read rank 0's result; a preempted run says so."""
     job = WorkerJob(config=cfg, dataset=dataset, out_dir=str(out_dir),
                     result_path=str(out_dir / "result.json"), mlflow_run_id=run_id)
     job_path = out_dir / "job.json"
     job_path.write_text(job.model_dump_json(indent=2))
     nproc = launch.default_nproc(cfg.launch)
-    cmd = launch.torchrun_command(cfg.launch, job_path, nproc, rdzv_id=context.flow_run_id[:12])
+    cmd = launch.torchrun_command(cfg.launch, job_path, nproc, rdzv_id=rdzv_id)
     logger = run_logger()
     logger.info("launching %d process(es) per node: %s", nproc, " ".join(cmd))
     marker = out_dir / PREEMPTED_MARKER
@@ -139,8 +150,33 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
                 raise launch.Preempted(f"training was preempted ({marker.read_text().strip()}); "
                                        "a retry resumes from its checkpoint") from exc
             raise
-    result = TrainResult.model_validate_json(Path(job.result_path).read_text())
-    return _finish(name, run_id, result, lineage)
+    return TrainResult.model_validate_json(Path(job.result_path).read_text())
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, launch.LaunchError) and exc.exception == "OutOfMemoryError"
+
+
+def with_oom_fallback(cfg: C, train: Callable[[C], TrainResult]) -> TrainResult:
+    """Train; after an out-of-memory error, once more with half the per-device batch.
+
+    Twice the gradient accumulation keeps the global batch, and so the schedule, unchanged.
+    """
+    try:
+        return train(cfg)
+    except Exception as exc:
+        batch = cfg.batch_size  # type: ignore[attr-defined]
+        if not is_out_of_memory(exc) or batch < 2:
+            raise
+        halved = cfg.model_copy(update={"batch_size": batch // 2,
+                                        "grad_accumulation": cfg.grad_accumulation * 2})  # type: ignore[attr-defined]
+        run_logger().warning(
+            "out of memory at a per-device batch of %d: retrying once with batch %d and %d "
+            "gradient accumulation steps (same global batch)", batch, halved.batch_size,
+            halved.grad_accumulation)
+        return train(halved)
 
 
 _CPU_TRAINING = threading.Lock()

@@ -128,6 +128,9 @@ class FinetuneConfig(_Config):
         True, description="In a head-only phase without augmentation, compute the frozen "
         "backbone's features once instead of every epoch (same head, a fraction of the time).",
     )
+    grad_accumulation: int = Field(
+        1, ge=1, description="Batches per optimizer step (set to 2 after an out-of-memory retry)."
+    )
     early_stopping_patience: int = Field(
         3, ge=1, description="Stop a phase after this many epochs without a better val score."
     )
@@ -174,6 +177,7 @@ class GoogLeNetConfig(_Config):
     enabled: bool = True
     epochs: int = Field(5, gt=0)
     batch_size: int = Field(32, gt=0, description="Per process.")
+    grad_accumulation: int = Field(1, ge=1, description="Batches per optimizer step.")
     lr: float = Field(0.05, gt=0)
     warmup_epochs: float = Field(1.0, ge=0)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(label_smoothing=0.1))
@@ -227,6 +231,22 @@ class PipelineConfig(_Config):
     @property
     def model_name(self) -> str:
         return self.registry.model_name or f"{self.data.dataset_name}-classifier"
+
+
+BATCH_GEOMETRY = {"batch_size", "grad_accumulation"}
+
+
+def same_training(before: BaseModel, now: BaseModel, ignore: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
+    """Whether a checkpoint written under ``before`` can be resumed under ``now``.
+
+    The batch may be split differently (after an out-of-memory retry) as long as the global
+    batch, ``batch_size x grad_accumulation``, is the same.
+    """
+    skip = set(ignore) | BATCH_GEOMETRY
+    if before.model_dump(exclude=skip) != now.model_dump(exclude=skip):
+        return False
+    return bool(before.batch_size * before.grad_accumulation  # type: ignore[attr-defined]
+                == now.batch_size * now.grad_accumulation)  # type: ignore[attr-defined]
 
 
 def quickstart() -> PipelineConfig:

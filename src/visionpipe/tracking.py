@@ -13,6 +13,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from visionpipe import settings
@@ -25,6 +26,10 @@ _SECRET_IN_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:
 def redact(text: str) -> str:
     """Hide passwords inside URLs (``postgresql://user:secret@host`` -> ``user:***@host``)."""
     return _SECRET_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server did not answer (after MLflow's own HTTP retries)."""
 
 
 def configure_tracking() -> str:
@@ -45,7 +50,24 @@ def _is_local_store(uri: str) -> bool:
 
 
 def ensure_experiment(name: str) -> str:
-    """The experiment's id, creating it; on a local database its artifacts go to the state folder."""
+    """The experiment's id, creating it; on a local database its artifacts go to the state folder.
+
+    This is the first call a flow run makes to MLflow: an unreachable server fails here, named.
+    """
+    uri = settings.tracking_uri()
+    try:
+        return _ensure_experiment(name)
+    except (MlflowException, OSError) as exc:
+        if _is_local_store(uri):
+            raise
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise TrackingUnavailable(
+            f"cannot reach the MLflow tracking server at {redact(uri)} ({redact(reason)}); start "
+            "it, fix MLFLOW_TRACKING_URI, or unset it to use the embedded SQLite store"
+        ) from exc
+
+
+def _ensure_experiment(name: str) -> str:
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:

@@ -13,7 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.train_image_classifiers import train_image_classifiers
 from visionpipe import tracking
-from visionpipe.config import PipelineConfig
+from visionpipe.config import GoogLeNetConfig, PipelineConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -104,3 +104,46 @@ def test_a_failing_rank_fails_the_training_task_with_that_ranks_message(
     with pytest.raises(LaunchError, match="injected fault on rank 1") as err:
         train_googlenet.with_options(retries=0)(config.googlenet, dataset, context)
     assert "rank 1 ended with" in str(err.value)
+
+
+async def _task_run_states(flow_run_id: str) -> list[tuple[str, str]]:
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [(r.name.rsplit("-", 1)[0], r.state.name) for r in runs if r.state]
+
+
+def test_a_retried_flow_run_skips_the_stages_it_finished(
+    harness: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("VISIONPIPE_INJECT_FAULT", f"bug:register@{tmp_path / 'fired'}")
+    config = PipelineConfig.model_validate(TINY)
+    state = train_image_classifiers.with_options(retries=1)(config, return_state=True)
+    assert state.is_completed(), state.message
+    assert (tmp_path / "fired").exists(), "the first attempt did fail in register-model"
+    states = asyncio.run(_task_run_states(str(state.state_details.flow_run_id)))
+    for stage in ("finetune-backbone", "train-googlenet", "evaluate-candidates", "open-tracking-run"):
+        assert sorted(s for n, s in states if n == stage) == ["Cached", "Completed"], (stage, states)
+    assert sorted(s for n, s in states if n == "register-model") == ["Completed", "Failed"]
+
+
+def test_out_of_memory_retries_once_with_half_the_batch(
+    harness: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tasks.tracking import TrackingContext
+    from tasks.train import train_googlenet
+    from visionpipe.data import prepare_dataset
+    from visionpipe.training.checkpoint import load_checkpoint
+
+    config = PipelineConfig.model_validate(TINY)
+    dataset = prepare_dataset(config.data)
+    experiment = tracking.ensure_experiment("visionpipe")
+    context = TrackingContext(experiment_id=experiment, flow_run_id="oom-run",
+                              parent_run_id=tracking.start_run(experiment, "parent"))
+    monkeypatch.setenv("VISIONPIPE_INJECT_FAULT", f"oom:0@{tmp_path / 'fired'}")
+    candidate = train_googlenet.with_options(retries=0, cache_key_fn=None)(
+        config.googlenet, dataset, context)
+    saved = load_checkpoint(Path(candidate.result.last_checkpoint))
+    trained_with = GoogLeNetConfig.model_validate_json(saved["config"])
+    assert (trained_with.batch_size, trained_with.grad_accumulation) == (4, 2)
+    assert (tmp_path / "fired").exists()

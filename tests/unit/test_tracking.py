@@ -32,3 +32,23 @@ def test_embedded_store_lives_in_the_state_folder(vp_home: Path) -> None:
     assert run.data.params["finetune.arch"] == "resnet50"
     tracking.fail_runs_of_flow_run("fr-1")
     assert {tracking.client().get_run(r).info.status for r in (parent, child)} == {"FAILED"}
+
+
+def test_an_unreachable_tracking_server_is_named_without_its_password(
+    vp_home: Path, monkeypatch: "pytest.MonkeyPatch"
+) -> None:
+    import socket
+
+    import pytest
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://vp:hunter2@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    with pytest.raises(tracking.TrackingUnavailable) as err:
+        tracking.ensure_experiment("exp")
+    message = str(err.value)
+    assert f"127.0.0.1:{port}" in message and "MLFLOW_TRACKING_URI" in message
+    assert "hunter2" not in message

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from visionpipe.config import FinetuneConfig, Phase
+from visionpipe.config import FinetuneConfig, Phase, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.models import (
     ModelSpec,
@@ -142,7 +142,8 @@ def _resume_state(run: _Run) -> dict[str, Any] | None:
     state = latest_checkpoint(run.out_dir)
     if state is None:
         return None
-    if FinetuneConfig.model_validate_json(state["config"]) != run.cfg:
+    before = FinetuneConfig.model_validate_json(state["config"])
+    if not same_training(before, run.cfg):
         raise ValueError(f"{state['path']} was written with another finetune config; use a new "
                          "flow run, or delete that folder to start this stage over")
     run.model.load_state_dict(state["model"])
@@ -169,7 +170,7 @@ def _run_phase(run: _Run, index: int, phase: Phase, resume: dict[str, Any] | Non
     optimizer = build_optimizer(
         param_groups(model, cfg.arch, phase.lr, phase.backbone_lr_fraction), cfg.optim, run.device
     )
-    steps = math.ceil(len(run.data.train[1]) / cfg.batch_size)
+    steps = math.ceil(math.ceil(len(run.data.train[1]) / cfg.batch_size) / cfg.grad_accumulation)
     scheduler = warmup_cosine(optimizer, phase.epochs * steps, int(phase.warmup_epochs * steps))
     first = 1
     if resume is not None:
@@ -183,7 +184,8 @@ def _run_phase(run: _Run, index: int, phase: Phase, resume: dict[str, Any] | Non
         torch.manual_seed(cfg.seed * 100_003 + progress.epoch + 1)
         train_mode(model)
         train_stats = train_one_epoch(batches.train_model, batches.train(progress.epoch),
-                                      optimizer, scheduler, criterion, run.device)
+                                      optimizer, scheduler, criterion, run.device,
+                                      accumulation=cfg.grad_accumulation)
         val_stats = evaluate(batches.val_model, batches.val, criterion, run.device)
         progress.epoch += 1
         improved = val_stats.top1 > progress.best_top1

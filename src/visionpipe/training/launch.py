@@ -30,6 +30,9 @@ DETERMINISTIC_ERRORS = frozenset({
     "ValueError", "TypeError", "KeyError", "IndexError", "AttributeError", "AssertionError",
     "NotImplementedError", "ImportError", "ModuleNotFoundError", "ZeroDivisionError",
     "FileNotFoundError", "ValidationError", "DatasetError", "WeightsError", "CheckpointError",
+    "InjectedBug",
+    # Handled once by the task (half the batch, twice the accumulation), not by blind retries.
+    "OutOfMemoryError",
 })
 _EXCEPTION_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?(?:[\w.]+\.)?(\w+(?:Error|Exception))(?::|$)")
 _EXIT_CODE = re.compile(r"exitcode\s*:\s*(-?\d+)")

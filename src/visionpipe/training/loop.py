@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 
 import torch
@@ -74,15 +74,20 @@ def train_one_epoch(
     skip: int = 0,
     step_seed: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    accumulation: int = 1,
 ) -> EpochStats:
     """One pass over ``batches``; the scheduler steps per batch. The caller sets train mode.
 
     ``skip`` passes over the batches an interrupted attempt already trained on; ``step_seed``
     seeds each step (dropout) by its index, so a resumed epoch draws what an uninterrupted one
-    would; ``should_stop`` is asked after every step and ends the epoch early when it says so.
+    would; ``should_stop`` is asked after every optimizer step and ends the epoch early when it
+    says so. ``accumulation`` batches make one optimizer step (the global batch of a run whose
+    per-device batch was halved after an out-of-memory error).
     """
     stats = EpochStats()
     start = time.perf_counter()
+    total = len(batches) if isinstance(batches, Sized) else None
+    optimizer.zero_grad(set_to_none=True)
     for step, (images, labels) in enumerate(batches):
         if step < skip:
             stats.steps += 1
@@ -92,18 +97,20 @@ def train_one_epoch(
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         loss, logits = classification_loss(model(images), labels, criterion, aux_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        (loss / accumulation).backward()
+        boundary = (step + 1) % accumulation == 0 or (total is not None and step + 1 == total)
+        if boundary:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
         # Weighted by the batch's own size, so a short last batch counts for what it is.
         n = labels.shape[0]
         stats.loss_sum += loss.item() * n
         stats.correct += int((logits.argmax(1) == labels).sum())
         stats.count += n
         stats.steps += 1
-        if should_stop is not None and should_stop():
+        if boundary and should_stop is not None and should_stop():
             stats.stopped = True
             break
     stats.seconds = time.perf_counter() - start

@@ -24,8 +24,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from visionpipe import tracking
-from visionpipe.config import GoogLeNetConfig
+from visionpipe import faults, tracking
+from visionpipe.config import GoogLeNetConfig, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.models import ModelSpec, build_googlenet
 from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save, save_checkpoint
@@ -65,13 +65,6 @@ def build_train_loader(images: torch.Tensor, labels: torch.Tensor, cfg: GoogLeNe
     loader = build_loader(images, labels, cfg.batch_size, shuffle=True, augment=cfg.augment,
                           seed=cfg.seed + 7919 * epoch + ctx.rank, sampler=sampler, flip=False)
     return loader, sampler
-
-
-def inject_fault(ctx: DistContext) -> None:
-    """Test hook: ``VISIONPIPE_INJECT_FAULT=raise:<rank>`` makes that rank raise."""
-    spec = os.environ.get("VISIONPIPE_INJECT_FAULT", "")
-    if spec == f"raise:{ctx.rank}":
-        raise RuntimeError(f"injected fault on rank {ctx.rank}")
 
 
 class StopSignal:
@@ -132,15 +125,17 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     An earlier attempt's checkpoint in ``job.out_dir`` is resumed from, mid-epoch included.
     """
     cfg, dataset = job.config, job.dataset
-    inject_fault(ctx)
+    faults.inject("raise", ctx.rank)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     train_x, train_y = load_split(dataset, "train")
     check_batch_size(cfg.batch_size, len(train_y) // ctx.world_size)
     val_loader = build_loader(*load_split(dataset, "val"), batch_size=cfg.batch_size * 2,
                               shuffle=False, augment=False, seed=0)
-    trainer = _build_trainer(job, ctx, steps_per_epoch=len(build_train_loader(train_x, train_y, cfg, ctx)[0]))
+    batches = len(build_train_loader(train_x, train_y, cfg, ctx)[0])
+    trainer = _build_trainer(job, ctx, steps_per_epoch=-(-batches // cfg.grad_accumulation))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     state = trainer.state
+    faults.inject("oom", ctx.rank)  # test hook: an out-of-memory error in the first step
     with StopSignal(ctx) as stop:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             loader, _ = build_train_loader(train_x, train_y, cfg, ctx, epoch)
@@ -149,7 +144,7 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
                 trainer.ddp_model, loader, trainer.optimizer, trainer.scheduler, criterion,
                 ctx.device, aux_weight=cfg.aux_weight, skip=state.step,
                 step_seed=(cfg.seed * 1_000_003 + epoch * 10_007 + ctx.rank) * 1009,
-                should_stop=stop.agreed)
+                should_stop=stop.agreed, accumulation=cfg.grad_accumulation)
             if local.stopped:
                 _preempt(trainer, local.steps)
             state.step = 0
@@ -172,10 +167,11 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int) -> _T
     saved = latest_checkpoint(Path(job.out_dir))  # every rank reads rank 0's files
     state = _State()
     if saved is not None:
-        _check_resumable(saved, cfg)
+        before = _check_resumable(saved, cfg)
         model.load_state_dict(saved["model"])
         progress = saved["progress"]
-        state = _State(epoch=saved["epoch"], step=saved["step"], best=progress["best"],
+        step = saved["step"] * before.batch_size // cfg.batch_size  # in this run's batches
+        state = _State(epoch=saved["epoch"], step=step, best=progress["best"],
                        best_epoch=progress["best_epoch"], history=list(progress["history"]),
                        resumed_from_epoch=saved["epoch"])
         log.info("resuming from %s: epoch %d done, %d steps into the next", saved["path"],
@@ -192,12 +188,13 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int) -> _T
     return _Trainer(job, ctx, model, ddp_model, optimizer, scheduler, spec, state)
 
 
-def _check_resumable(saved: dict[str, Any], cfg: GoogLeNetConfig) -> None:
+def _check_resumable(saved: dict[str, Any], cfg: GoogLeNetConfig) -> GoogLeNetConfig:
     # Launch settings may change between attempts (an elastic restart); training ones may not.
-    before = GoogLeNetConfig.model_validate_json(saved["config"]).model_dump(exclude={"launch"})
-    if before != cfg.model_dump(exclude={"launch"}):
+    before = GoogLeNetConfig.model_validate_json(saved["config"])
+    if not same_training(before, cfg, ignore={"launch"}):
         raise ValueError(f"{saved['path']} was written with another googlenet config; use a new "
                          "flow run, or delete that folder to start this stage over")
+    return before
 
 
 def build_ddp_model(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
