@@ -211,11 +211,20 @@ def _write_cifar10(root: Path) -> None:
 
 
 def _download_cifar10(folder: Path, train: bool) -> CIFAR10:
-    """torchvision's CIFAR10, downloaded on first use."""
+    """torchvision's CIFAR10, downloaded on first use (checked md5) and extracted safely."""
     from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity, download_url
+
+    from visionpipe.data.archives import safe_extract_tar
 
     try:
-        return CIFAR10(str(folder), train=train, download=True)
+        archive = folder / CIFAR10.filename
+        if not check_integrity(str(archive), CIFAR10.tgz_md5):
+            download_url(CIFAR10.url, str(folder), CIFAR10.filename, CIFAR10.tgz_md5)
+        # torchvision's own extraction has no path filter: extract with ours instead.
+        if not (folder / CIFAR10.base_folder).is_dir():
+            safe_extract_tar(archive, folder)
+        return CIFAR10(str(folder), train=train, download=False)
     except (OSError, RuntimeError) as exc:
         raise DatasetError(
             f"could not download CIFAR-10 into {folder} ({exc}); is there no internet access? "
