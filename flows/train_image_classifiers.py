@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from prefect import flow
@@ -60,7 +61,16 @@ def main(argv: list[str]) -> int:
     config = quickstart()
     if argv:
         config = PipelineConfig.model_validate_json(open(argv[0]).read())
-    summary = train_image_classifiers(config)
+    try:
+        summary = train_image_classifiers(config)
+    except RuntimeError as exc:
+        if not str(exc).startswith("Failed to reach API"):
+            raise
+        api = tracking.redact(os.environ.get("PREFECT_API_URL", "the Prefect API"))
+        print(f"error: cannot reach the Prefect API at {api} ({exc}). Fix: start the server "
+              "(prefect server start), correct PREFECT_API_URL, or unset it to use Prefect's "
+              "ephemeral API.", file=sys.stderr)
+        return 1
     print(summary.render())
     return 0
 

@@ -147,3 +147,23 @@ def test_out_of_memory_retries_once_with_half_the_batch(
     trained_with = GoogLeNetConfig.model_validate_json(saved["config"])
     assert (trained_with.batch_size, trained_with.grad_accumulation) == (4, 2)
     assert (tmp_path / "fired").exists()
+
+
+def test_an_unreachable_prefect_api_is_named_with_the_fix(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VISIONPIPE_HOME": str(tmp_path),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    out = subprocess.run([sys.executable, "-m", "flows.train_image_classifiers"], env=env,
+                         capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 1
+    assert f"cannot reach the Prefect API at http://127.0.0.1:{port}/api" in out.stderr
+    assert "PREFECT_API_URL" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists(), "nothing was started"
