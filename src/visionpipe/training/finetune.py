@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from visionpipe.config import FinetuneConfig, Phase, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
@@ -228,7 +227,7 @@ def _phase_batches(model: nn.Module, cfg: FinetuneConfig, data: _Data, device: t
     if backbone_frozen and cfg.cache_frozen_features and not cfg.augment and heads == ("fc",):
         return _feature_batches(model, cfg, data, device)
 
-    def train(epoch: int) -> DataLoader:
+    def train(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         return build_loader(*data.train, batch_size=cfg.batch_size, shuffle=True,
                             augment=cfg.augment, seed=cfg.seed + epoch)
 
@@ -244,13 +243,14 @@ def _feature_batches(model: nn.Module, cfg: FinetuneConfig, data: _Data, device:
         val_x = _features(model, data.val, cfg.batch_size, device)
     finally:
         model.fc = head
-    train_set = TensorDataset(train_x, data.train[1])
+    train_y, val_y = data.train[1].to(train_x.device), data.val[1].to(val_x.device)
 
-    def train(epoch: int) -> DataLoader:
-        gen = torch.Generator().manual_seed(cfg.seed + epoch)
-        return DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen)
+    def train(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        # The same order as the image batches of this epoch (BatchIterator's first shuffle).
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        return [(train_x[i], train_y[i]) for i in order.to(train_x.device).split(cfg.batch_size)]
 
-    val = DataLoader(TensorDataset(val_x, data.val[1]), batch_size=cfg.batch_size)
+    val = [(x, y) for x, y in zip(val_x.split(cfg.batch_size), val_y.split(cfg.batch_size), strict=True)]
     return _Batches(head, head, train, val)
 
 
@@ -259,7 +259,8 @@ def _features(model: nn.Module, split: tuple[torch.Tensor, torch.Tensor], batch_
               device: torch.device) -> torch.Tensor:
     model.eval()
     loader = build_loader(*split, batch_size=batch_size, shuffle=False, augment=False, seed=0)
-    return torch.cat([model(x.to(device)).cpu() for x, _ in loader]).clone()
+    # Features stay on the device the head trains on.
+    return torch.cat([model(x.to(device)) for x, _ in loader]).clone()
 
 
 def _epoch_record(phase: Phase, phase_epoch: int, epoch: int, train: EpochStats,

@@ -22,11 +22,12 @@ from pydantic import BaseModel
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DistributedSampler, TensorDataset
 
 from visionpipe import faults, tracking
 from visionpipe.config import GoogLeNetConfig, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
+from visionpipe.data.loading import BatchIterator
 from visionpipe.models import ModelSpec, build_googlenet
 from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save, save_checkpoint
 from visionpipe.training.distributed import DistContext, all_reduce_sum, broadcast_float, distributed
@@ -54,7 +55,7 @@ PREEMPTED_MARKER = "PREEMPTED"
 
 def build_train_loader(images: torch.Tensor, labels: torch.Tensor, cfg: GoogLeNetConfig,
                        ctx: DistContext, epoch: int = 1,
-                       ) -> tuple[DataLoader[Any], DistributedSampler[Any] | None]:
+                       ) -> tuple[BatchIterator, DistributedSampler[Any] | None]:
     """This rank's shard of the training split for ``epoch`` (a new shuffle every epoch)."""
     sampler = (DistributedSampler(TensorDataset(images, labels), num_replicas=ctx.world_size,
                                   rank=ctx.rank, shuffle=True, seed=cfg.seed)
