@@ -12,6 +12,7 @@ from tasks.data import log_dataset, prepare_dataset_task
 from tasks.evaluate import evaluate_candidates
 from tasks.register import register_model
 from tasks.tracking import close_tracking_run, open_tracking_run
+from tasks.timings import record_timings
 from tasks.train import finetune_backbone, train_googlenet
 from tasks.weights import fetch_pretrained_weights
 from visionpipe import registry, settings, tracking
@@ -35,6 +36,7 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
        train-googlenet: Inception v1 from scratch, DDP under torchrun (alongside)
     5. evaluate-candidates: the same held-out test split for all
     6. register-model: a version per candidate; the champion alias moves only for a better one
+    7. record-timings: wall time per stage, and the share spent outside the training loops
     """
     context = open_tracking_run(config)
     dataset = prepare_dataset_task(config.data)
@@ -46,13 +48,14 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
     evaluations = evaluate_candidates(candidates, dataset, config.evaluation, context)
     decision = register_model(candidates, evaluations, dataset, config.registry,
                               config.model_name, context)
+    timings = record_timings(candidates, evaluations, context)
     close_tracking_run(context)
     return PipelineSummary(
         model_name=config.model_name, dataset_version=dataset.version,
         metrics={e.candidate: e.metrics for e in evaluations}, decision=decision,
         champion_version=registry.champion_version(config.model_name, config.registry.alias),
         mlflow_ui=tracking.mlflow_ui_command(), tracking_uri=tracking.redact(settings.tracking_uri()),
-        random_init=weights.random_init,
+        random_init=weights.random_init, timings=timings,
     )
 
 
@@ -72,6 +75,8 @@ def main(argv: list[str]) -> int:
               "ephemeral API.", file=sys.stderr)
         return 1
     print(summary.render())
+    # The figures of the last run, for `make bench` and anyone comparing runs.
+    (settings.visionpipe_home() / "last-run.json").write_text(summary.model_dump_json(indent=2))
     return 0
 
 

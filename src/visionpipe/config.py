@@ -114,6 +114,46 @@ class OptimConfig(_Config):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
+class FastPath(BaseModel):
+    """The switches resolved for one device."""
+
+    autocast_bf16: bool
+    channels_last: bool
+    cudnn_benchmark: bool
+    data_on_device: bool
+    compile: bool
+    static_graph: bool
+
+
+class FastPathConfig(_Config):
+    """Speed switches. Empty means: on when the run has a CUDA device, off on the CPU."""
+
+    autocast_bf16: bool | None = Field(None, description="bf16 autocast for forward and loss.")
+    channels_last: bool | None = Field(None, description="NHWC memory format for convolutions.")
+    cudnn_benchmark: bool | None = Field(None, description="Let cuDNN pick the fastest kernels.")
+    data_on_device: bool | None = Field(
+        None, description="Keep small datasets on the GPU as uint8; augment and normalise there."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model: about a minute of compiling on the first "
+        "steps, worth it for runs of tens of minutes, not for a short CPU run.",
+    )
+    static_graph: bool | None = Field(
+        None, description="DDP static_graph: valid because every step uses the same parameters."
+    )
+
+    def resolve(self, device_type: str) -> FastPath:
+        gpu = device_type == "cuda"
+
+        def pick(value: bool | None) -> bool:
+            return gpu if value is None else value
+
+        return FastPath(autocast_bf16=pick(self.autocast_bf16), channels_last=pick(self.channels_last),
+                        cudnn_benchmark=gpu and pick(self.cudnn_benchmark),
+                        data_on_device=gpu and pick(self.data_on_device), compile=self.compile,
+                        static_graph=pick(self.static_graph))
+
+
 class FinetuneConfig(_Config):
     """Transfer learning of a torchvision backbone with a new head."""
 
@@ -136,6 +176,7 @@ class FinetuneConfig(_Config):
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    fast: FastPathConfig = Field(default_factory=FastPathConfig)
 
     @field_validator("phases")
     @classmethod
@@ -190,6 +231,7 @@ class GoogLeNetConfig(_Config):
     sync_batchnorm: bool = False
     augment: bool = False
     seed: int = 0
+    fast: FastPathConfig = Field(default_factory=FastPathConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 

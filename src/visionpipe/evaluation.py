@@ -81,6 +81,7 @@ def evaluate_checkpoint(
     seconds = time.perf_counter() - start
     metrics, per_class, matrix = classification_metrics(logits, labels, spec.class_names)
     metrics["images_per_s"] = len(labels) / seconds if seconds > 0 else 0.0
+    metrics["eval_seconds"] = seconds
     metrics["test_images"] = float(len(labels))
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = _write_confusion(matrix, spec.class_names, candidate, out_dir)

@@ -7,6 +7,19 @@ from pydantic import BaseModel
 from visionpipe.registry import GateDecision
 
 
+class RunTimings(BaseModel):
+    """Where a flow run's time went."""
+
+    stages: dict[str, float]
+    loop_seconds: float
+    flow_seconds: float
+
+    @property
+    def overhead_share(self) -> float:
+        """The share of the flow run spent outside training and evaluation loops."""
+        return max(0.0, 1 - self.loop_seconds / self.flow_seconds) if self.flow_seconds else 0.0
+
+
 class PipelineSummary(BaseModel):
     model_name: str
     dataset_version: str
@@ -16,6 +29,7 @@ class PipelineSummary(BaseModel):
     mlflow_ui: str
     tracking_uri: str
     random_init: bool
+    timings: RunTimings | None = None
 
     def render(self) -> str:
         lines = [f"visionpipe: {self.model_name} (dataset version {self.dataset_version})", ""]
@@ -26,6 +40,10 @@ class PipelineSummary(BaseModel):
         verdict = "promoted" if self.decision.promoted else "not promoted"
         lines += ["", f"champion: version {self.champion_version} ({verdict} "
                   f"v{self.decision.candidate_version}: {self.decision.reason})"]
+        if self.timings:
+            t = self.timings
+            lines.append(f"time: {t.flow_seconds:.0f} s, {t.loop_seconds:.0f} s of it in training "
+                         f"and evaluation loops ({t.overhead_share:.0%} outside them)")
         if self.random_init:
             lines.append("note: the fine-tuned backbone started from RANDOM weights "
                          "(no pretrained source was reachable)")

@@ -77,7 +77,11 @@ def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(harnes
     flow_run_id = str(state.state_details.flow_run_id)
     keys = asyncio.run(_artifact_keys(flow_run_id))
     assert {"candidate-metrics", "candidate-comparison", "champion-decision",
-            "weights-random-init", "dataset-report"} <= keys
+            "weights-random-init", "dataset-report", "stage-timings"} <= keys
+    timings = summary.timings
+    assert timings is not None and 0 < timings.loop_seconds < timings.flow_seconds
+    assert {"prepare-dataset", "train-googlenet", "register-model"} <= timings.stages.keys()
+    assert "stage_seconds.train-googlenet" in parent[0].data.metrics
 
     config.googlenet.enabled = False
     second = train_image_classifiers(config, return_state=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,20 @@ def test_resuming_with_another_config_is_refused(tiny_digits: PreparedDataset, t
     other = cfg.model_copy(update={"batch_size": 8})
     with pytest.raises(ValueError, match="another finetune config"):
         finetune(other, tiny_digits, weights, tmp_path / "out")
+
+
+def test_the_fast_path_resolves_per_device_and_trains_on_the_cpu_when_forced(
+    tiny_digits: PreparedDataset, tmp_path: Path
+) -> None:
+    from visionpipe.config import FastPathConfig
+
+    cpu = FastPathConfig().resolve("cpu")
+    assert not (cpu.autocast_bf16 or cpu.channels_last or cpu.data_on_device or cpu.compile)
+    gpu = FastPathConfig().resolve("cuda")
+    assert gpu.autocast_bf16 and gpu.channels_last and gpu.cudnn_benchmark and gpu.data_on_device
+    assert not FastPathConfig(channels_last=False).resolve("cuda").channels_last
+    cfg = FinetuneConfig(arch="resnet18", batch_size=16,
+                         fast=FastPathConfig(autocast_bf16=True, channels_last=True),
+                         phases=[Phase(name="full", trainable=["*"], epochs=1, lr=0.01)])
+    result = finetune(cfg, tiny_digits, _random_weights(tmp_path), tmp_path / "out")
+    assert result.epochs_run == 1 and math.isfinite(result.history[0]["train_loss"])

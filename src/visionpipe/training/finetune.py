@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionpipe.config import FinetuneConfig, Phase, same_training
+from visionpipe.config import FastPath, FinetuneConfig, Phase, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.models import (
     ModelSpec,
@@ -29,6 +29,7 @@ from visionpipe.training.result import TrainResult
 from visionpipe.weights import check_state_dict_keys, load_state_dict_file
 from visionpipe.training.loop import (
     EpochStats,
+    apply_fast_path,
     build_optimizer,
     evaluate,
     pick_device,
@@ -72,6 +73,7 @@ class _Run:
     out_dir: Path
     progress: _Progress
     on_epoch: EpochCallback | None
+    fast: FastPath
 
 
 def check_batch_size(batch_size: int, train_count: int) -> None:
@@ -102,7 +104,8 @@ def finetune(
     """
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    data = _Data(load_split(dataset, "train"), load_split(dataset, "val"))
+    fast = cfg.fast.resolve(device.type)
+    data = _load_data(dataset, device if fast.data_on_device else torch.device("cpu"))
     check_batch_size(cfg.batch_size, len(data.train[1]))
     model = build_resnet(cfg.arch, dataset.num_classes)
     state = load_state_dict_file(weights_path, weights_sha256)
@@ -110,9 +113,9 @@ def finetune(
     load_backbone(model, state, cfg.arch)
     spec = ModelSpec(arch=cfg.arch, num_classes=dataset.num_classes,
                      class_names=dataset.class_names, image_size=dataset.image_size)
-    run = _Run(model, cfg, data, device, spec, out_dir, _Progress(), on_epoch)
+    run = _Run(model, cfg, data, device, spec, out_dir, _Progress(), on_epoch, fast)
     resume = _resume_state(run)
-    model.to(device)
+    run.model = apply_fast_path(model.to(device), fast)
     for index, phase in enumerate(cfg.phases):
         if resume is not None and index < resume["phase_index"] + int(resume["phase_done"]):
             continue
@@ -134,6 +137,12 @@ def finetune(
         epochs_run=progress.epoch, spec=spec, history=progress.history,
         skipped_phases=progress.skipped, resumed_from_epoch=progress.resumed_from_epoch,
     )
+
+
+def _load_data(dataset: PreparedDataset, device: torch.device) -> _Data:
+    """Train and val splits as uint8 tensors, on the GPU for small datasets (fast path)."""
+    splits = [load_split(dataset, split) for split in ("train", "val")]
+    return _Data(*[(x.to(device), y.to(device)) for x, y in splits])
 
 
 def _resume_state(run: _Run) -> dict[str, Any] | None:
@@ -178,14 +187,15 @@ def _run_phase(run: _Run, index: int, phase: Phase, resume: dict[str, Any] | Non
         first = resume["phase_epoch"] + 1
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     batches = _phase_batches(model, cfg, run.data, run.device)
+    train_model = torch.compile(batches.train_model) if run.fast.compile else batches.train_model
     for phase_epoch in range(first, phase.epochs + 1):
         # Seeded per epoch, so a resumed run draws the same numbers as an uninterrupted one.
         torch.manual_seed(cfg.seed * 100_003 + progress.epoch + 1)
         train_mode(model)
-        train_stats = train_one_epoch(batches.train_model, batches.train(progress.epoch),
+        train_stats = train_one_epoch(train_model, batches.train(progress.epoch),
                                       optimizer, scheduler, criterion, run.device,
-                                      accumulation=cfg.grad_accumulation)
-        val_stats = evaluate(batches.val_model, batches.val, criterion, run.device)
+                                      accumulation=cfg.grad_accumulation, fast=run.fast)
+        val_stats = evaluate(batches.val_model, batches.val, criterion, run.device, run.fast)
         progress.epoch += 1
         improved = val_stats.top1 > progress.best_top1
         if improved:
@@ -269,7 +279,7 @@ def _epoch_record(phase: Phase, phase_epoch: int, epoch: int, train: EpochStats,
         "phase": phase.name, "phase_epoch": phase_epoch, "epoch": epoch,
         "train_loss": train.loss, "train_top1": train.top1, "val_loss": val.loss,
         "val_top1": val.top1, "train_images_per_s": train.images_per_s,
-        "train_seconds": train.seconds,
+        "train_seconds": train.seconds, "val_seconds": val.seconds,
     }
 
 

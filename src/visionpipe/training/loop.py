@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from visionpipe.config import OptimConfig
+from visionpipe.config import FastPath, OptimConfig
 
 
 @dataclass
@@ -75,6 +75,7 @@ def train_one_epoch(
     step_seed: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     accumulation: int = 1,
+    fast: FastPath | None = None,
 ) -> EpochStats:
     """One pass over ``batches``; the scheduler steps per batch. The caller sets train mode.
 
@@ -82,7 +83,8 @@ def train_one_epoch(
     seeds each step (dropout) by its index, so a resumed epoch draws what an uninterrupted one
     would; ``should_stop`` is asked after every optimizer step and ends the epoch early when it
     says so. ``accumulation`` batches make one optimizer step (the global batch of a run whose
-    per-device batch was halved after an out-of-memory error).
+    per-device batch was halved after an out-of-memory error). ``fast`` turns on bf16 autocast
+    and channels-last batches.
     """
     stats = EpochStats()
     start = time.perf_counter()
@@ -94,9 +96,9 @@ def train_one_epoch(
             continue
         if step_seed is not None:
             torch.manual_seed(step_seed + step)
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        loss, logits = classification_loss(model(images), labels, criterion, aux_weight)
+        images, labels = _to_device(images, labels, device, fast)
+        with _autocast(device, fast):
+            loss, logits = classification_loss(model(images), labels, criterion, aux_weight)
         (loss / accumulation).backward()
         boundary = (step + 1) % accumulation == 0 or (total is not None and step + 1 == total)
         if boundary:
@@ -117,16 +119,41 @@ def train_one_epoch(
     return stats
 
 
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+               fast: FastPath | None) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(device, non_blocking=True)
+    if fast is not None and fast.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def _autocast(device: torch.device, fast: FastPath | None) -> torch.autocast:
+    enabled = fast is not None and fast.autocast_bf16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def apply_fast_path(model: nn.Module, fast: FastPath) -> nn.Module:
+    """Memory format and cuDNN autotuning for a model about to train; compiled if asked."""
+    if fast.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    if fast.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+    fast: FastPath | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of every batch, on the CPU, with the model in eval mode."""
     model.eval()
     outs, targets = [], []
     for images, labels in batches:
-        outs.append(model(images.to(device, non_blocking=True)).float().cpu())
-        targets.append(labels)
+        images, _ = _to_device(images, labels, device, fast)
+        with _autocast(device, fast):
+            outs.append(model(images).float().cpu())
+        targets.append(labels.cpu())
     return torch.cat(outs), torch.cat(targets)
 
 
@@ -135,10 +162,11 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     criterion: nn.Module,
     device: torch.device,
+    fast: FastPath | None = None,
 ) -> EpochStats:
     """Loss and top-1 over ``batches`` in eval mode."""
     start = time.perf_counter()
-    logits, labels = predict_logits(model, batches, device)
+    logits, labels = predict_logits(model, batches, device, fast)
     n = labels.shape[0]
     loss = criterion(logits, labels).item() * n if n else 0.0
     correct = int((logits.argmax(1) == labels).sum())

@@ -20,3 +20,8 @@ class TrainResult(BaseModel):
     world_size: int = 1
     skipped_phases: list[str] = []
     resumed_from_epoch: int | None = None
+
+    @property
+    def loop_seconds(self) -> float:
+        """Time spent in the training and validation loops of the epochs this result records."""
+        return sum(r.get("train_seconds", 0.0) + r.get("val_seconds", 0.0) for r in self.history)

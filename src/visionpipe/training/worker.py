@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 
 from visionpipe import faults, tracking
-from visionpipe.config import GoogLeNetConfig, same_training
+from visionpipe.config import FastPath, GoogLeNetConfig, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.data.loading import BatchIterator
 from visionpipe.models import ModelSpec, build_googlenet
 from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save, save_checkpoint
 from visionpipe.training.distributed import DistContext, all_reduce_sum, broadcast_float, distributed
 from visionpipe.training.finetune import check_batch_size
-from visionpipe.training.loop import EpochStats, build_optimizer, evaluate, train_one_epoch, warmup_cosine
+from visionpipe.training.loop import (
+    EpochStats,
+    apply_fast_path,
+    build_optimizer,
+    evaluate,
+    train_one_epoch,
+    warmup_cosine,
+)
 from visionpipe.training.result import TrainResult
 from visionpipe.training.syncbn import convert_sync_batchnorm
 
@@ -128,12 +136,15 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     cfg, dataset = job.config, job.dataset
     faults.inject("raise", ctx.rank)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    fast = cfg.fast.resolve(ctx.device.type)
     train_x, train_y = load_split(dataset, "train")
+    if fast.data_on_device:  # small datasets stay on the GPU; batches are sliced there
+        train_x, train_y = train_x.to(ctx.device), train_y.to(ctx.device)
     check_batch_size(cfg.batch_size, len(train_y) // ctx.world_size)
     val_loader = build_loader(*load_split(dataset, "val"), batch_size=cfg.batch_size * 2,
                               shuffle=False, augment=False, seed=0)
     batches = len(build_train_loader(train_x, train_y, cfg, ctx)[0])
-    trainer = _build_trainer(job, ctx, steps_per_epoch=-(-batches // cfg.grad_accumulation))
+    trainer = _build_trainer(job, ctx, steps_per_epoch=-(-batches // cfg.grad_accumulation), fast=fast)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     state = trainer.state
     faults.inject("oom", ctx.rank)  # test hook: an out-of-memory error in the first step
@@ -145,13 +156,14 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
                 trainer.ddp_model, loader, trainer.optimizer, trainer.scheduler, criterion,
                 ctx.device, aux_weight=cfg.aux_weight, skip=state.step,
                 step_seed=(cfg.seed * 1_000_003 + epoch * 10_007 + ctx.rank) * 1009,
-                should_stop=stop.agreed, accumulation=cfg.grad_accumulation)
+                should_stop=stop.agreed, accumulation=cfg.grad_accumulation, fast=fast)
             if local.stopped:
                 _preempt(trainer, local.steps)
             state.step = 0
             train = EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds)
+            val_start = time.perf_counter()
             val_top1 = broadcast_float(_validate(trainer.model, val_loader, criterion, ctx), ctx)
-            _end_epoch(trainer, epoch, train, val_top1)
+            _end_epoch(trainer, epoch, train, val_top1, time.perf_counter() - val_start)
     out_dir = Path(job.out_dir)
     return TrainResult(best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
                        best_val_top1=state.best, best_epoch=state.best_epoch, epochs_run=cfg.epochs,
@@ -159,7 +171,7 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
                        resumed_from_epoch=state.resumed_from_epoch)
 
 
-def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int) -> _Trainer:
+def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast: FastPath) -> _Trainer:
     """Model, optimizer and schedule, restored from the newest valid checkpoint if there is one."""
     cfg, dataset = job.config, job.dataset
     model = build_googlenet(dataset.num_classes, cfg.small_input_stem)
@@ -177,8 +189,7 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int) -> _T
                        resumed_from_epoch=saved["epoch"])
         log.info("resuming from %s: epoch %d done, %d steps into the next", saved["path"],
                  saved["epoch"], saved["step"])
-    model.to(ctx.device)
-    ddp_model, model = _wrap(model, cfg, ctx)
+    ddp_model, model = _wrap(apply_fast_path(model.to(ctx.device), fast), cfg, ctx, fast)
     optimizer = build_optimizer([{"params": list(ddp_model.parameters()), "lr": cfg.lr}], cfg.optim,
                                 ctx.device)
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch,
@@ -200,23 +211,29 @@ def _check_resumable(saved: dict[str, Any], cfg: GoogLeNetConfig) -> GoogLeNetCo
 
 def build_ddp_model(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
     """The network wrapped for DDP (or not, alone) and the bare module whose state is saved."""
-    return _wrap(build_googlenet(num_classes, cfg.small_input_stem).to(ctx.device), cfg, ctx)
+    fast = cfg.fast.resolve(ctx.device.type)
+    return _wrap(build_googlenet(num_classes, cfg.small_input_stem).to(ctx.device), cfg, ctx, fast)
 
 
-def _wrap(model: nn.Module, cfg: GoogLeNetConfig, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+def _wrap(model: nn.Module, cfg: GoogLeNetConfig, ctx: DistContext,
+          fast: FastPath) -> tuple[nn.Module, nn.Module]:
     if cfg.sync_batchnorm and ctx.distributed:
         model = convert_sync_batchnorm(model, ctx.device)
-    if not ctx.distributed:
-        return model, model
-    ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True), model
+    wrapped = model
+    if ctx.distributed:
+        ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+        # Every step uses every parameter (the auxiliary heads too), so the graph is static.
+        wrapped = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                          static_graph=fast.static_graph)
+    return (torch.compile(wrapped) if fast.compile else wrapped), model
 
 
-def _end_epoch(trainer: _Trainer, epoch: int, train: EpochStats, val_top1: float) -> None:
+def _end_epoch(trainer: _Trainer, epoch: int, train: EpochStats, val_top1: float,
+               val_seconds: float) -> None:
     state = trainer.state
     record = {"epoch": epoch, "train_loss": train.loss, "train_top1": train.top1,
               "val_top1": val_top1, "train_images_per_s": train.images_per_s,
-              "train_seconds": train.seconds}
+              "train_seconds": train.seconds, "val_seconds": val_seconds}
     improved = val_top1 > state.best
     if improved:
         state.best, state.best_epoch = val_top1, epoch

@@ -1,0 +1,175 @@
+"""Trainer overhead against a plain PyTorch loop, the frozen-feature cache, and the whole run.
+
+    python bench/trainer.py            # everything (`make bench`), a few minutes on 2 cores
+    python bench/trainer.py --smoke    # tiny sizes, no whole run: checks that it works
+
+Ours and the plain loop run alternately in this one process on the same model, data, batch
+size, precision and threads; medians are compared. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from visionpipe.config import DataConfig
+from visionpipe.data import build_loader, load_split, normalize, prepare_dataset
+from visionpipe.models import build_googlenet, build_resnet, set_trainable, train_mode
+from visionpipe.training.loop import train_one_epoch, warmup_cosine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plain_train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                          data_loader: DataLoader, device: torch.device, aux_weight: float) -> int:
+    """The loop a user writes, after torchvision's references/classification train_one_epoch."""
+    seen = 0
+    for image, target in data_loader:
+        image, target = normalize(image).to(device), target.to(device)
+        output = model(image)
+        if isinstance(output, tuple):  # GoogLeNet in training: main and auxiliary logits
+            logits, aux2, aux1 = output
+            loss = criterion(logits, target) + aux_weight * (criterion(aux1, target) + criterion(aux2, target))
+        else:
+            logits, loss = output, criterion(output, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        acc1 = (logits.argmax(1) == target).float().mean().item()  # the reference logs these
+        loss.item(), acc1
+        seen += target.shape[0]
+    return seen
+
+
+def measure(run: Callable[[], int]) -> float:
+    start = time.perf_counter()
+    images = run()
+    return images / (time.perf_counter() - start)
+
+
+def compare(name: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int,
+            rounds: int, aux_weight: float, frozen_backbone: bool) -> float:
+    """Median images/s of ours over the plain loop, measured alternately."""
+    device = torch.device("cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    plain_loader = DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=True)
+
+    def ours() -> int:
+        train_mode(model)
+        batches = build_loader(images, labels, batch, shuffle=True, augment=False, seed=0)
+        scheduler = warmup_cosine(optimizer, 1000, 0)
+        return train_one_epoch(model, batches, optimizer, scheduler, criterion, device, aux_weight).count
+
+    def plain() -> int:
+        model.train()
+        if frozen_backbone:  # what a careful user does for a frozen backbone
+            model.eval()
+            model.fc.train()
+        return plain_train_one_epoch(model, criterion, optimizer, plain_loader, device, aux_weight)
+
+    ours(), plain()  # warm-up: oneDNN primitives, allocator
+    results: dict[str, list[float]] = {"ours": [], "plain": []}
+    for _ in range(rounds):
+        results["ours"].append(measure(ours))
+        results["plain"].append(measure(plain))
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    ratio = medians["ours"] / medians["plain"]
+    print(f"{name:<10} ours {medians['ours']:7.1f} img/s  plain {medians['plain']:7.1f} img/s  "
+          f"ratio ours/plain {ratio:.3f}", flush=True)
+    return ratio
+
+
+def head_cache_speedup(images: torch.Tensor, labels: torch.Tensor, batch: int, rounds: int) -> float:
+    """A cached-feature head epoch against one that forwards the frozen backbone."""
+    from visionpipe.config import FinetuneConfig
+    from visionpipe.training.finetune import _Data, _phase_batches
+
+    model = build_resnet("resnet50", 10)
+    set_trainable(model, ["fc"])
+    device = torch.device("cpu")
+    data = _Data((images, labels), (images[:batch], labels[:batch]))
+    timings = {}
+    for cached in (False, True):
+        cfg = FinetuneConfig(arch="resnet50", batch_size=batch, cache_frozen_features=cached)
+        batches = _phase_batches(model, cfg, data, device)  # the cache is built here, once
+        optimizer = torch.optim.SGD(batches.train_model.parameters(), lr=1e-3)
+        epochs = []
+        for epoch in range(rounds):
+            train_mode(model)
+            start = time.perf_counter()
+            train_one_epoch(batches.train_model, batches.train(epoch), optimizer, None,
+                            nn.CrossEntropyLoss(), device)
+            epochs.append(time.perf_counter() - start)
+        timings[cached] = statistics.median(epochs)
+    speedup = timings[False] / timings[True]
+    print(f"head epoch: forwarding the backbone {timings[False]:.2f} s, cached features "
+          f"{timings[True]:.4f} s, speedup {speedup:.0f}x", flush=True)
+    return speedup
+
+
+def whole_run() -> dict[str, float]:
+    """``make run``'s command on a fresh state folder: wall time and the share outside loops."""
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "VISIONPIPE_HOME": home, "PREFECT_HOME": f"{home}/prefect"}
+        Path(home, "prefect").mkdir()
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "flows.train_image_classifiers"], cwd=REPO, env=env,
+                       check=True, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+        timings = json.loads(Path(home, "last-run.json").read_text())["timings"]
+    loops = timings["loop_seconds"]
+    share = 1 - loops / seconds
+    print(f"whole run: {seconds:.0f} s, of which {loops:.0f} s in training and evaluation loops; "
+          f"outside them (orchestration, tracking, launching): {share:.0%}", flush=True)
+    for stage, stage_seconds in sorted(timings["stages"].items(), key=lambda kv: -kv[1]):
+        print(f"  {stage:<28} {stage_seconds:6.1f} s")
+    return {"run_seconds": seconds, "overhead_share": share}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, skip the whole run")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["VISIONPIPE_HOME"] = home
+        dataset = prepare_dataset(DataConfig(max_per_class=8 if args.smoke else None))
+        images, labels = load_split(dataset, "train")
+    batch, rounds = (16, 2) if args.smoke else (64, 5)
+    n = batch * (2 if args.smoke else 8)  # the same images every round
+    images, labels = images[:n], labels[:n]
+    print(f"{torch.get_num_threads()} threads, batch {batch}, {n} images per round, "
+          f"{rounds} rounds each", flush=True)
+    figures = {
+        "googlenet_ratio": compare("googlenet", build_googlenet(10, True), images, labels, batch,
+                                   rounds, 0.3, frozen_backbone=False),
+    }
+    head = build_resnet("resnet50", 10)
+    set_trainable(head, ["fc"])
+    figures["head_ratio"] = compare("head", head, images, labels, batch, rounds, 0.0, True)
+    figures["full_ratio"] = compare("full", build_resnet("resnet50", 10), images, labels, batch,
+                                    rounds, 0.0, False)
+    figures["head_cache_speedup"] = head_cache_speedup(images, labels, batch, max(rounds, 3))
+    if not args.smoke:
+        figures.update(whole_run())
+    print(json.dumps({k: round(v, 4) for k, v in figures.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
