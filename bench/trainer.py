@@ -83,9 +83,11 @@ def compare(name: str, model: nn.Module, images: torch.Tensor, labels: torch.Ten
 
     ours(), plain()  # warm-up: oneDNN primitives, allocator
     results: dict[str, list[float]] = {"ours": [], "plain": []}
-    for _ in range(rounds):
-        results["ours"].append(measure(ours))
-        results["plain"].append(measure(plain))
+    for round_ in range(rounds):
+        # Alternate which goes first, so neither always runs on a warmer (or throttled) machine.
+        order = [("ours", ours), ("plain", plain)]
+        for key, run in order if round_ % 2 == 0 else order[::-1]:
+            results[key].append(measure(run))
     medians = {k: statistics.median(v) for k, v in results.items()}
     ratio = medians["ours"] / medians["plain"]
     print(f"{name:<10} ours {medians['ours']:7.1f} img/s  plain {medians['plain']:7.1f} img/s  "
