@@ -1,0 +1,39 @@
+"""Tasks of the score-images flow."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.common import retry_transient
+from visionpipe import tracking
+from visionpipe.scoring import ScoringSummary, score_images
+
+
+@task(name="score-images", retries=3, retry_delay_seconds=[5, 30, 120],
+      retry_condition_fn=retry_transient)
+def score_images_task(model_uri: str, source: str, output: str, batch_size: int) -> ScoringSummary:
+    """Predict every image of the source with the registered model; retried on I/O errors."""
+    return score_images(model_uri, source, output, batch_size)
+
+
+@task(name="record-scoring", retries=3, retry_delay_seconds=[2, 10, 30])
+def record_scoring(summary: ScoringSummary, experiment: str) -> str:
+    """One MLflow run per scoring job, and a Prefect artifact with the same summary."""
+    experiment_id = tracking.ensure_experiment(experiment)
+    run_id = tracking.start_run(experiment_id, "score-images", tags={
+        "model_uri": summary.model_uri, "source": summary.source, "output": summary.output})
+    metrics = {"images": summary.images, "unreadable": summary.unreadable,
+               "mean_probability": summary.mean_probability}
+    if summary.folder_accuracy is not None:
+        metrics["folder_accuracy"] = summary.folder_accuracy
+    tracking.log_metrics(run_id, metrics)
+    tracking.end_run(run_id)
+    lines = [f"# Scored {summary.images} images with `{summary.model_uri}`", "",
+             f"- source: `{summary.source}`", f"- predictions: `{summary.output}`",
+             f"- unreadable: {summary.unreadable}", f"- mean probability: {summary.mean_probability:.3f}",
+             "", "| class | images |", "|---|---|"]
+    lines += [f"| {name} | {count} |" for name, count in sorted(summary.predicted.items())]
+    create_markdown_artifact(key="scoring-summary", markdown="\n".join(lines),
+                             description=f"{summary.images} images scored")
+    return run_id
