@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 2
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit bench clean
+.PHONY: install run test test-unit bench serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(VENV)/bin/python -m pytest tests/unit
+
+serve: $(STAMP)
+	mkdir -p $(PREFECT_HOME)
+	$(VENV)/bin/python -m deployments.serve
 
 bench: $(STAMP)
 	mkdir -p $(PREFECT_HOME)

@@ -1,0 +1,43 @@
+"""Serve the deployments of ``train-image-classifiers`` and ``score-images`` (``make serve``).
+
+- ``nightly``: 02:00 Europe/Berlin, a production configuration (ImageFolder under s3://,
+  ImageNet weights, ``on_unavailable: fail``); edit ``NIGHTLY`` for your bucket;
+- ``on-demand``: no schedule; the UI's parameter form starts it, with the offline quickstart's
+  parameters as defaults so it runs on any machine;
+- ``score-images/on-demand``: batch scoring with the champion.
+
+Against whatever ``PREFECT_API_URL`` and ``MLFLOW_TRACKING_URI`` point at.
+"""
+
+from __future__ import annotations
+
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
+
+from flows.score_images import score_images
+from flows.train_image_classifiers import train_image_classifiers
+from visionpipe.config import PipelineConfig, quickstart
+
+NIGHTLY = PipelineConfig.model_validate({
+    "data": {"source": "s3://visionpipe-datasets/digits/", "name": "digits"},
+    "weights": {"uri": "torchvision:resnet50.IMAGENET1K_V2", "on_unavailable": "fail"},
+})
+
+
+def deployments() -> list[RunnerDeployment]:
+    return [
+        train_image_classifiers.to_deployment(
+            "nightly", schedule=Cron("0 2 * * *", timezone="Europe/Berlin"),
+            parameters={"config": NIGHTLY.model_dump(mode="json")}, tags=["nightly"],
+            description="Nightly retraining on the production dataset."),
+        train_image_classifiers.to_deployment(
+            "on-demand", parameters={"config": quickstart().model_dump(mode="json")},
+            tags=["on-demand"], description="Start from the UI; defaults run offline."),
+        score_images.to_deployment("on-demand", tags=["scoring"],
+                                   description="Score an ImageFolder with the champion."),
+    ]
+
+
+if __name__ == "__main__":
+    serve(*deployments())
