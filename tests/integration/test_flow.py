@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -91,22 +92,27 @@ def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(harnes
     assert len(mlflow.search_model_versions("name='digits-classifier'")) == 3
 
 
+def _googlenet_task_inputs(flow_run_id: str) -> tuple[Any, Any, Any]:
+    """The googlenet stage's config, a tiny dataset and a tracking context, outside a flow."""
+    from tasks.tracking import TrackingContext
+    from visionpipe.data import prepare_dataset
+
+    config = PipelineConfig.model_validate(TINY)
+    experiment = tracking.ensure_experiment("visionpipe")
+    context = TrackingContext(experiment_id=experiment, flow_run_id=flow_run_id,
+                              parent_run_id=tracking.start_run(experiment, "parent"))
+    return config.googlenet, prepare_dataset(config.data), context
+
+
 def test_a_failing_rank_fails_the_training_task_with_that_ranks_message(
     harness: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks.tracking import TrackingContext
     from tasks.train import train_googlenet
-    from visionpipe.data import prepare_dataset
     from visionpipe.training.launch import LaunchError
 
-    config = PipelineConfig.model_validate(TINY)
-    dataset = prepare_dataset(config.data)
-    experiment = tracking.ensure_experiment("visionpipe")
-    context = TrackingContext(experiment_id=experiment, flow_run_id="failing-rank",
-                              parent_run_id=tracking.start_run(experiment, "parent"))
     monkeypatch.setenv("VISIONPIPE_INJECT_FAULT", "raise:1")
     with pytest.raises(LaunchError, match="injected fault on rank 1") as err:
-        train_googlenet.with_options(retries=0)(config.googlenet, dataset, context)
+        train_googlenet.with_options(retries=0)(*_googlenet_task_inputs("failing-rank"))
     assert "rank 1 ended with" in str(err.value)
 
 
@@ -134,19 +140,12 @@ def test_a_retried_flow_run_skips_the_stages_it_finished(
 def test_out_of_memory_retries_once_with_half_the_batch(
     harness: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from tasks.tracking import TrackingContext
     from tasks.train import train_googlenet
-    from visionpipe.data import prepare_dataset
     from visionpipe.training.checkpoint import load_checkpoint
 
-    config = PipelineConfig.model_validate(TINY)
-    dataset = prepare_dataset(config.data)
-    experiment = tracking.ensure_experiment("visionpipe")
-    context = TrackingContext(experiment_id=experiment, flow_run_id="oom-run",
-                              parent_run_id=tracking.start_run(experiment, "parent"))
     monkeypatch.setenv("VISIONPIPE_INJECT_FAULT", f"oom:0@{tmp_path / 'fired'}")
     candidate = train_googlenet.with_options(retries=0, cache_key_fn=None)(
-        config.googlenet, dataset, context)
+        *_googlenet_task_inputs("oom-run"))
     saved = load_checkpoint(Path(candidate.result.last_checkpoint))
     trained_with = GoogLeNetConfig.model_validate_json(saved["config"])
     assert (trained_with.batch_size, trained_with.grad_accumulation) == (4, 2)

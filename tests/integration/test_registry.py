@@ -44,11 +44,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PreparedDat
     mp.undo()
 
 
-def _register(name: str, checkpoint: Path, dataset: PreparedDataset, work: Path) -> registry.Registration:
+def _register(name: str, checkpoint: Path, dataset: PreparedDataset, work: Path,
+              model: str = "digits-test", times: int = 1) -> registry.Registration:
+    """Log ``checkpoint`` in a new run and register it ``times`` times (a retried task)."""
     experiment = tracking.ensure_experiment("test")
     run_id = tracking.start_run(experiment, name)
     uri = registry.log_pyfunc_model(run_id, checkpoint, work / name, dataset)
-    return registry.register_version(name, "digits-test", uri, run_id, {"arch": "resnet18"})
+    versions = {registry.register_version(name, model, uri, run_id, {"arch": "resnet18"}).version
+                for _ in range(times)}
+    assert len(versions) == 1, f"a retried registration created versions {versions}"
+    return registry.register_version(name, model, uri, run_id, {"arch": "resnet18"})
 
 
 def test_gate_promotes_first_and_better_and_keeps_champion_against_worse(
@@ -82,12 +87,7 @@ def test_a_retried_registration_reuses_its_version(
 ) -> None:
     home, dataset, good, _ = trained
     monkeypatch.setenv("VISIONPIPE_HOME", str(home))
-    experiment = tracking.ensure_experiment("test")
-    run_id = tracking.start_run(experiment, "retry")
-    uri = registry.log_pyfunc_model(run_id, good, tmp_path / "retry", dataset)
-    once = registry.register_version("retry", "digits-retry", uri, run_id, {})
-    again = registry.register_version("retry", "digits-retry", uri, run_id, {})
-    assert once.version == again.version
+    _register("retry", good, dataset, tmp_path, model="digits-retry", times=3)
     assert len(tracking.client().search_model_versions("name='digits-retry'")) == 1
 
 
@@ -107,10 +107,7 @@ def test_consumer_in_a_fresh_process_loads_the_champion_and_predicts_raw_images(
 ) -> None:
     home, dataset, good, _ = trained
     monkeypatch.setenv("VISIONPIPE_HOME", str(home))
-    experiment = tracking.ensure_experiment("test")
-    run_id = tracking.start_run(experiment, "consumer")
-    uri = registry.log_pyfunc_model(run_id, good, tmp_path / "consumer", dataset)
-    version = registry.register_version("consumer", "digits-consumer", uri, run_id, {})
+    version = _register("consumer", good, dataset, tmp_path, model="digits-consumer")
     registry.gate_champion(version, dataset, "top1", "champion")
     manifest = pd.read_parquet(dataset.manifest_path)
     test = manifest[manifest["split"] == "test"].sort_values("path")
