@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 2
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit bench serve clean
+.PHONY: install run test test-unit bench serve stack-up stack-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(VENV)/bin/python -m pytest tests/unit
+
+stack-up: $(STAMP)
+	$(VENV)/bin/python -m deployments.stack up
+
+stack-down: $(STAMP)
+	$(VENV)/bin/python -m deployments.stack down
 
 serve: $(STAMP)
 	mkdir -p $(PREFECT_HOME)
