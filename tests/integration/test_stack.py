@@ -156,3 +156,27 @@ def test_the_nightly_deployment_is_scheduled_and_scoring_writes_to_s3(stack: dic
     s3 = _s3(stack)
     head = s3.head_object(Bucket="visionpipe-datasets", Key="predictions/today.parquet")
     assert head["ContentLength"] > 0
+
+
+def test_work_pools_and_the_gpu_limit_are_created(stack: dict[str, str]) -> None:
+    made = _python(["-m", "deployments.pools", "--gpus", "2", "--kubernetes"], stack, timeout=120)
+    assert made.returncode == 0, made.stderr[-3000:]
+    again = _python(["-m", "deployments.pools", "--gpus", "4"], stack, timeout=120)
+    assert "concurrency limit gpu = 4 (was 2)" in again.stdout
+    read = _python(["-c", (
+        "import asyncio, json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        k8s = await c.read_work_pool('gpu-kubernetes')\n"
+        "        host = await c.read_work_pool('gpu-host')\n"
+        "        gcl = await c.read_global_concurrency_limit_by_name('gpu')\n"
+        "        print(json.dumps({'host': host.type, 'k8s': k8s.base_job_template, 'gpu': gcl.limit}))\n"
+        "asyncio.run(main())\n")], stack, timeout=120)
+    assert read.returncode == 0, read.stderr[-3000:]
+    pools = json.loads(read.stdout.strip().splitlines()[-1])
+    assert pools["host"] == "process" and pools["gpu"] == 4
+    container = pools["k8s"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    resources = container["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert container["volumes"][0]["emptyDir"]["medium"] == "Memory"

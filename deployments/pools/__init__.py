@@ -1,0 +1,1 @@
+"""Work pools and the ``gpu`` concurrency limit (``python -m deployments.pools``)."""
