@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from prefect import Task
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
@@ -13,7 +14,9 @@ from prefect.utilities.hashing import hash_objects
 
 # Errors that come from the input or the code: a retry would fail the same way.
 DETERMINISTIC: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, LookupError,
-                                                  NotImplementedError, AssertionError)
+                                                  NotImplementedError, AssertionError,
+                                                  # handled once inside the task (half the batch)
+                                                  torch.OutOfMemoryError)
 
 
 def _deterministic_types() -> tuple[type[BaseException], ...]:

@@ -10,18 +10,25 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
+from prefect.utilities.hashing import hash_objects
 
 from tasks.common import retry_transient, run_logger
 from tasks.tracking import TrackingContext
 from visionpipe import tracking
 from visionpipe.config import DataConfig
 from visionpipe.data import PreparedDataset, prepare_dataset, source_fingerprint
+from visionpipe.data.prepare import safe_name
+from visionpipe.settings import cache_dir
 
 
 def _dataset_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     # The source's cheap fingerprint (listing, sizes, ETags) stands for its content: a changed
-    # folder or bucket gets a new key, an unchanged one reuses the prepared manifest.
-    return f"prepare-dataset-{source_fingerprint(parameters['cfg'])}"
+    # folder or bucket gets a new key, an unchanged one reuses the prepared manifest, unless
+    # the manifests were deleted from the state folder since.
+    cfg: DataConfig = parameters["cfg"]
+    manifests = sorted(str(p) for p in (cache_dir("datasets") / safe_name(cfg.dataset_name))
+                       .glob("*/manifest.parquet"))
+    return f"prepare-dataset-{source_fingerprint(cfg)}-{hash_objects(manifests)}"
 
 
 @task(name="prepare-dataset", cache_key_fn=_dataset_cache_key, persist_result=True,

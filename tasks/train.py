@@ -146,7 +146,7 @@ def _launch_worker(cfg: GoogLeNetConfig, dataset: PreparedDataset, out_dir: Path
                 lambda rank, line: logger.info("[rank %s] %s", "-" if rank is None else rank, line),
                 env=launch.worker_env(nproc))
         except launch.LaunchError as exc:
-            if marker.exists():
+            if marker.exists() and not isinstance(exc, launch.LaunchTimeout):
                 raise launch.Preempted(f"training was preempted ({marker.read_text().strip()}); "
                                        "a retry resumes from its checkpoint") from exc
             raise
@@ -162,7 +162,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def with_oom_fallback(cfg: C, train: Callable[[C], TrainResult]) -> TrainResult:
     """Train; after an out-of-memory error, once more with half the per-device batch.
 
-    Twice the gradient accumulation keeps the global batch, and so the schedule, unchanged.
+    Twice the gradient accumulation keeps the global batch, and so the schedule, unchanged. A
+    second out-of-memory error fails the task: it is not among the errors Prefect retries.
     """
     try:
         return train(cfg)
@@ -170,13 +171,16 @@ def with_oom_fallback(cfg: C, train: Callable[[C], TrainResult]) -> TrainResult:
         batch = cfg.batch_size  # type: ignore[attr-defined]
         if not is_out_of_memory(exc) or batch < 2:
             raise
-        halved = cfg.model_copy(update={"batch_size": batch // 2,
-                                        "grad_accumulation": cfg.grad_accumulation * 2})  # type: ignore[attr-defined]
-        run_logger().warning(
-            "out of memory at a per-device batch of %d: retrying once with batch %d and %d "
-            "gradient accumulation steps (same global batch)", batch, halved.batch_size,
-            halved.grad_accumulation)
-        return train(halved)
+    # Out of the except block: its traceback would keep the failed attempt's tensors alive.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    halved = cfg.model_copy(update={"batch_size": batch // 2,
+                                    "grad_accumulation": cfg.grad_accumulation * 2})  # type: ignore[attr-defined]
+    run_logger().warning(
+        "out of memory at a per-device batch of %d: retrying once with batch %d and %d "
+        "gradient accumulation steps (same global batch)", batch, halved.batch_size,
+        halved.grad_accumulation)
+    return train(halved)
 
 
 _CPU_TRAINING = threading.Lock()

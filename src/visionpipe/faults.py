@@ -22,7 +22,7 @@ class InjectedFault(RuntimeError):
     """A transient failure raised on purpose."""
 
 
-class InjectedBug(AssertionError):
+class InjectedBugError(AssertionError):
     """A deterministic failure raised on purpose."""
 
 
@@ -47,5 +47,5 @@ def inject(kind: str, where: str | int) -> None:
     if kind == "oom":
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected on rank {where})")
     if kind == "bug":
-        raise InjectedBug(f"injected bug in {where}")
+        raise InjectedBugError(f"injected bug in {where}")
     raise InjectedFault(f"injected fault on rank {where}")

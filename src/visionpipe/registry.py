@@ -17,6 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 import visionpipe
 from visionpipe.data import PreparedDataset
+from visionpipe.data.paths import confined_path
 from visionpipe.serving import ImageClassifier
 from visionpipe.tracking import client, configure_tracking, redact
 from visionpipe.training.checkpoint import load_checkpoint
@@ -81,7 +82,8 @@ def test_split_images(dataset: PreparedDataset, limit: int | None = None) -> tup
     if limit is not None:
         test = test.head(limit)
     root = Path(dataset.root)
-    return [(root / p).read_bytes() for p in test["path"]], test["label"].astype(int).tolist()
+    return ([confined_path(root, p).read_bytes() for p in test["path"]],
+            test["label"].astype(int).tolist())
 
 
 def log_pyfunc_model(run_id: str, checkpoint: Path, work_dir: Path, dataset: PreparedDataset) -> str:
@@ -142,8 +144,15 @@ def gate_champion(best: Registration, dataset: PreparedDataset, metric: str, ali
     if current is None:
         promoted, reason = True, f"no {alias} yet"
     elif current == best.version:
-        champion_score = candidate_score
-        promoted, reason = False, f"version {current} already is {alias}"
+        # A retry after this very promotion: report it as it was decided.
+        tags = client().get_model_version(best.model_name, current).tags
+        champion_score = float(tags["gate_champion_score"]) if tags.get("gate_champion_score") else None
+        promoted = tags.get("gate_decision") == "promoted"
+        reason = tags.get("gate_reason", f"version {current} already is {alias}")
+        current = tags.get("previous_champion") or None
+        return GateDecision(promoted=promoted, metric=metric, candidate=best.candidate,
+                            candidate_version=best.version, candidate_score=candidate_score,
+                            champion_version=current, champion_score=champion_score, reason=reason)
     else:
         champion_score = score_model(f"models:/{best.model_name}/{current}", dataset, metric)
         promoted = candidate_score > champion_score
@@ -165,13 +174,15 @@ def _apply_decision(decision: GateDecision, model_name: str, alias: str) -> None
             "gate_champion_score": "" if decision.champion_score is None
             else f"{decision.champion_score:.6f}"}
     if decision.promoted:
+        tags["previous_champion"] = decision.champion_version or ""
+    # Tags first: once the alias moves, a rollback can always find the previous champion.
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model_name, decision.candidate_version, key, value)
+    if decision.promoted:
         # Re-read the alias just before moving it: another run may have moved it meanwhile.
         if champion_version(model_name, alias) != decision.champion_version:
             raise RuntimeError(f"{alias} of {model_name} moved during the gate; re-run registration")
-        tags["previous_champion"] = decision.champion_version or ""
         mlflow_client.set_registered_model_alias(model_name, alias, decision.candidate_version)
-    for key, value in tags.items():
-        mlflow_client.set_model_version_tag(model_name, decision.candidate_version, key, value)
 
 
 def rollback_champion(model_name: str, alias: str = "champion") -> str:

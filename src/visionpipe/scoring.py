@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 from pydantic import BaseModel
 
+from visionpipe.data.paths import confined_path
 from visionpipe.data.s3 import parse_s3_uri, s3_client
 from visionpipe.data.sources import materialize_source
 from visionpipe.tracking import configure_tracking
@@ -46,7 +47,7 @@ def score_images(model_uri: str, source: str, output: str, batch_size: int = 64)
 
 def _score_batch(model: mlflow.pyfunc.PyFuncModel, root: Path, files: list) -> pd.DataFrame:  # type: ignore[type-arg]
     """Predict a batch; if one image breaks it, score them one by one and mark the bad ones."""
-    images = [(root / f.relpath).read_bytes() for f in files]
+    images = [confined_path(root, f.relpath).read_bytes() for f in files]
     base = pd.DataFrame({"path": [f.relpath for f in files], "folder": [f.class_name for f in files]})
     try:
         predictions = model.predict(pd.DataFrame({"image": images}))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,16 +16,9 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from visionpipe import settings
+from visionpipe.redaction import redact
 
 log = logging.getLogger(__name__)
-
-_SECRET_IN_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@/\s]+@")
-
-
-def redact(text: str) -> str:
-    """Hide passwords inside URLs (``postgresql://user:secret@host`` -> ``user:***@host``)."""
-    return _SECRET_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server did not answer (after MLflow's own HTTP retries)."""
@@ -83,7 +75,7 @@ def _ensure_experiment(name: str) -> str:
 def start_run(experiment_id: str, name: str, parent_run_id: str | None = None,
               tags: Mapping[str, str] | None = None) -> str:
     """Create a run (nested under ``parent_run_id`` if given) and return its id; it stays open."""
-    all_tags = dict(tags or {})
+    all_tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client().create_run(experiment_id, run_name=name, tags=all_tags)

@@ -30,6 +30,7 @@ import torch
 import torchvision
 from pydantic import BaseModel, ConfigDict
 
+from visionpipe.redaction import redact
 from visionpipe.config import WeightsConfig
 from visionpipe.settings import cache_dir, tracking_uri
 
@@ -55,6 +56,9 @@ _MLFLOW_TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT
 
 class WeightsError(RuntimeError):
     """Weights cannot be used; the message names what is wrong and how to fix it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))  # URLs may carry credentials
 
 
 class WeightsUnavailable(WeightsError):
@@ -135,7 +139,7 @@ def _with_retries(action: Callable[[], T], uri: str, attempts: int, backoff_s: f
                 ) from exc
             delay = backoff_s * 2 ** (attempt - 1)
             log.warning("attempt %d/%d to fetch %s failed (%s); retrying in %.2f s",
-                        attempt, attempts, uri, exc, delay)
+                        attempt, attempts, redact(uri), redact(str(exc)), delay)
             time.sleep(delay)
     raise AssertionError("unreachable: attempts >= 1")  # keeps type checkers sure of the return
 
@@ -146,7 +150,7 @@ def _fetch_once(cfg: WeightsConfig, cache: Path) -> tuple[Path, str]:
     hit = _cache_lookup(cache, source)
     if hit is not None:
         return hit
-    log.info("downloading weights from %s", cfg.uri)
+    log.info("downloading weights from %s", redact(cfg.uri))
     tmp, digest = _stream_to_temp(source.chunks(), cache)
     try:
         _verify(cfg.uri, digest, source)
@@ -155,7 +159,7 @@ def _fetch_once(cfg: WeightsConfig, cache: Path) -> tuple[Path, str]:
     finally:
         tmp.unlink(missing_ok=True)
     _index_put(cache, source.key, digest)
-    log.info("weights from %s cached at %s (sha256 %s)", cfg.uri, path, digest)
+    log.info("weights from %s cached at %s (sha256 %s)", redact(cfg.uri), path, digest)
     return path, digest
 
 
@@ -448,7 +452,7 @@ def _cache_lookup(cache: Path, source: _Source) -> tuple[Path, str] | None:
         log.warning("cached weights %s are damaged (sha256 %s); downloading again", path, actual)
         path.unlink(missing_ok=True)
         return None
-    log.info("weights for %s found in the cache: %s", source.key, path)
+    log.info("weights for %s found in the cache: %s", redact(source.key), path)
     return path, digest
 
 
@@ -476,7 +480,7 @@ def _index_put(cache: Path, key: str, digest: str) -> None:
 def _random_init(arch: str, cache: Path, reason: str) -> FetchedWeights:
     """A seeded random initialisation of ``arch``, saved to the cache under its digest."""
     log.warning("RANDOM INIT: pretrained weights unavailable (%s); %s starts from a random "
-                "initialisation (seed 0), so expect much lower accuracy", reason, arch)
+                "initialisation (seed 0), so expect much lower accuracy", redact(reason), arch)
     try:
         # fork_rng leaves the caller's random stream as it was.
         with torch.random.fork_rng(devices=[]):

@@ -68,6 +68,8 @@ def test_gate_promotes_first_and_better_and_keeps_champion_against_worse(
     decision = registry.gate_champion(better, dataset, "top1", "champion")
     assert decision.promoted and decision.champion_version == first.version
     assert decision.candidate_score > decision.champion_score  # type: ignore[operator]
+    retried = registry.gate_champion(better, dataset, "top1", "champion")  # a retried task
+    assert retried.promoted and retried.champion_version == first.version
     worse = _register("bad-2", bad, dataset, tmp_path)
     decision = registry.gate_champion(worse, dataset, "top1", "champion")
     assert not decision.promoted and "does not beat" in decision.reason

@@ -11,6 +11,7 @@ from visionpipe.config import PipelineConfig
 def test_redact_hides_passwords_in_urls_only() -> None:
     assert tracking.redact("postgresql://vp:s3cret@db:5432/mlflow") == "postgresql://vp:***@db:5432/mlflow"
     assert tracking.redact("https://example.org/a:b") == "https://example.org/a:b"
+    assert tracking.redact("https://:token@example.org/x") == "https://:***@example.org/x"
 
 
 def test_flatten_gives_dotted_params() -> None:

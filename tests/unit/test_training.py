@@ -186,3 +186,11 @@ def test_the_fast_path_resolves_per_device_and_trains_on_the_cpu_when_forced(
                          phases=[Phase(name="full", trainable=["*"], epochs=1, lr=0.01)])
     result = finetune(cfg, tiny_digits, _random_weights(tmp_path), tmp_path / "out")
     assert result.epochs_run == 1 and math.isfinite(result.history[0]["train_loss"])
+
+
+def test_random_weights_with_only_frozen_phases_are_refused(tiny_digits: PreparedDataset,
+                                                            tmp_path: Path) -> None:
+    cfg = FinetuneConfig(arch="resnet18", batch_size=16,
+                         phases=[Phase(name="head", trainable=["fc"], epochs=1, lr=0.05)])
+    with pytest.raises(ValueError, match="no phase trained"):
+        finetune(cfg, tiny_digits, _random_weights(tmp_path), tmp_path / "out", random_init=True)

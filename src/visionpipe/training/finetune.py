@@ -131,6 +131,9 @@ def finetune(
         same_phase = resume is not None and index == resume["phase_index"]
         _run_phase(run, index, phase, resume if same_phase else None)
     progress = run.progress
+    if progress.epoch == 0:
+        raise ValueError(f"no phase trained: {progress.skipped} froze a randomly initialised "
+                         "backbone; add a phase with trainable=['*'] or reachable weights")
     return TrainResult(
         best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
         best_val_top1=progress.best_top1, best_epoch=progress.best_epoch,
@@ -297,6 +300,6 @@ def _save(run: _Run, optimizer: torch.optim.Optimizer, scheduler: Any, record: d
                      "since_best": progress.since_best, "history": progress.history,
                      "skipped": progress.skipped},
     }
-    rotate_and_save(state, run.out_dir)
-    if improved:
+    if improved:  # best first: a resumed run never records a best epoch without its file
         save_checkpoint(state, run.out_dir / "best.pt")
+    rotate_and_save(state, run.out_dir)

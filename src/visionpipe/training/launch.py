@@ -30,7 +30,7 @@ DETERMINISTIC_ERRORS = frozenset({
     "ValueError", "TypeError", "KeyError", "IndexError", "AttributeError", "AssertionError",
     "NotImplementedError", "ImportError", "ModuleNotFoundError", "ZeroDivisionError",
     "FileNotFoundError", "ValidationError", "DatasetError", "WeightsError", "CheckpointError",
-    "InjectedBug",
+    "InjectedBugError",
     # Handled once by the task (half the batch, twice the accumulation), not by blind retries.
     "OutOfMemoryError",
 })
@@ -105,7 +105,7 @@ class _Tail:
 
     size: int = 20
     by_rank: dict[int, collections.deque[str]] = field(default_factory=dict)
-    launcher: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
+    launcher: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=400))
 
     def add(self, line: str) -> int | None:
         match = _PREFIX.match(line)
@@ -131,8 +131,13 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[int | None
         _kill_group(proc)
         raise LaunchTimeout(f"torchrun ran past its timeout of {timeout_s:.0f} s and was killed; "
                             "raise googlenet.launch.timeout_s or shorten the run") from None
+    except BaseException:
+        _kill_group(proc)  # cancelled or interrupted: never leave ranks holding the GPUs
+        raise
     finally:
         reader.join(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
     if code != 0:
         raise _failure(code, tail)
 
@@ -146,17 +151,20 @@ def _pump(proc: subprocess.Popen[str], tail: _Tail, on_line: Callable[[int | Non
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM the launcher's whole process group, then SIGKILL what is left."""
+    """SIGTERM the launcher's whole process group, then SIGKILL what is left of it."""
     for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait
-        while proc.poll() is None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader; its ranks may outlive it
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
             time.sleep(0.1)
-        if proc.poll() is not None:
-            return
 
 
 def _failure(code: int, tail: _Tail) -> LaunchError:

@@ -184,6 +184,11 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast:
         model.load_state_dict(saved["model"])
         progress = saved["progress"]
         step = saved["step"] * before.batch_size // cfg.batch_size  # in this run's batches
+        if step and saved["world_size"] != ctx.world_size:
+            # Shards differ with the world size: the steps done do not map onto the new ones.
+            log.warning("world size changed from %d to %d: epoch %d restarts from its first step",
+                        saved["world_size"], ctx.world_size, saved["epoch"] + 1)
+            step = 0
         state = _State(epoch=saved["epoch"], step=step, best=progress["best"],
                        best_epoch=progress["best_epoch"], history=list(progress["history"]),
                        resumed_from_epoch=saved["epoch"])
@@ -275,9 +280,9 @@ def _save(trainer: _Trainer, improved: bool) -> None:
         "progress": {"best": state.best, "best_epoch": state.best_epoch, "history": state.history},
     }
     out_dir = Path(trainer.job.out_dir)
-    rotate_and_save(checkpoint, out_dir)
-    if improved:
+    if improved:  # best first: a resumed run never records a best epoch without its file
         save_checkpoint(checkpoint, out_dir / "best.pt")
+    rotate_and_save(checkpoint, out_dir)
 
 
 def _report(job: WorkerJob, record: dict[str, float], ctx: DistContext) -> None:
