@@ -95,7 +95,8 @@ def _run_deployment(env: dict[str, str], name: str, parameters: dict[str, object
 def test_a_run_started_through_the_api_trains_registers_and_is_consumable(stack: dict[str, str]) -> None:
     result = _run_deployment(stack, "train-image-classifiers/on-demand", {"config": TINY})
     assert result["state"] == "COMPLETED", result
-    mlflow = MlflowClient(tracking_uri=stack["MLFLOW_TRACKING_URI"])
+    uri = stack["MLFLOW_TRACKING_URI"]  # both: an earlier test may have set a global registry URI
+    mlflow = MlflowClient(tracking_uri=uri, registry_uri=uri)
     versions = mlflow.search_model_versions("name='digits-classifier'")
     assert len(versions) == 2
     champion = mlflow.get_model_version_by_alias("digits-classifier", "champion")
