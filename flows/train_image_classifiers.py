@@ -8,7 +8,7 @@ import sys
 from prefect import flow
 from prefect.client.schemas.objects import Flow, FlowRun, State
 
-from tasks.data import log_dataset, prepare_dataset_task
+from tasks.data import log_dataset, prepare_dataset_cached
 from tasks.evaluate import evaluate_candidates
 from tasks.register import register_model
 from tasks.tracking import close_tracking_run, open_tracking_run
@@ -39,7 +39,7 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
     7. record-timings: wall time per stage, and the share spent outside the training loops
     """
     context = open_tracking_run(config)
-    dataset = prepare_dataset_task(config.data)
+    dataset = prepare_dataset_cached(config.data)
     log_dataset(dataset, context)
     weights = fetch_pretrained_weights(config.weights, config.finetune.arch)
     finetuned = finetune_backbone.submit(config.finetune, dataset, weights, context)

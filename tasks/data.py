@@ -10,25 +10,18 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
-from prefect.utilities.hashing import hash_objects
 
 from tasks.common import retry_transient, run_logger
 from tasks.tracking import TrackingContext
 from visionpipe import tracking
 from visionpipe.config import DataConfig
 from visionpipe.data import PreparedDataset, prepare_dataset, source_fingerprint
-from visionpipe.data.prepare import safe_name
-from visionpipe.settings import cache_dir
 
 
 def _dataset_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     # The source's cheap fingerprint (listing, sizes, ETags) stands for its content: a changed
-    # folder or bucket gets a new key, an unchanged one reuses the prepared manifest, unless
-    # the manifests were deleted from the state folder since.
-    cfg: DataConfig = parameters["cfg"]
-    manifests = sorted(str(p) for p in (cache_dir("datasets") / safe_name(cfg.dataset_name))
-                       .glob("*/manifest.parquet"))
-    return f"prepare-dataset-{source_fingerprint(cfg)}-{hash_objects(manifests)}"
+    # folder or bucket gets a new key, an unchanged one reuses the prepared manifest.
+    return f"prepare-dataset-{source_fingerprint(parameters['cfg'])}"
 
 
 @task(name="prepare-dataset", cache_key_fn=_dataset_cache_key, persist_result=True,
@@ -42,6 +35,16 @@ def prepare_dataset_task(cfg: DataConfig) -> PreparedDataset:
                       dataset.version, dataset.split_counts, len(excluded))
     create_markdown_artifact(key="dataset-report", markdown=_report_markdown(dataset, excluded),
                              description=f"{dataset.name} {dataset.version}")
+    return dataset
+
+
+def prepare_dataset_cached(cfg: DataConfig) -> PreparedDataset:
+    """prepare-dataset, cached; prepared anew if the cached result's files were deleted since."""
+    dataset = prepare_dataset_task(cfg)
+    if not dataset.is_available():
+        run_logger().warning("the cached dataset %s is gone from %s; preparing it again",
+                             dataset.version, dataset.root)
+        dataset = prepare_dataset_task.with_options(refresh_cache=True)(cfg)
     return dataset
 
 

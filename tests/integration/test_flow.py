@@ -91,6 +91,13 @@ def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(harnes
     assert states["prepare-dataset"] == "Cached" and states["fetch-pretrained-weights"] == "Cached"
     assert len(mlflow.search_model_versions("name='digits-classifier'")) == 3
 
+    import shutil
+
+    shutil.rmtree(harness / "datasets")  # the cached result now points at deleted files
+    third = train_image_classifiers(config, return_state=True)
+    assert third.is_completed(), third.message
+    assert third.result().dataset_version == summary.dataset_version
+
 
 def _googlenet_task_inputs(flow_run_id: str) -> tuple[Any, Any, Any]:
     """The googlenet stage's config, a tiny dataset and a tracking context, outside a flow."""
