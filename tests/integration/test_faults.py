@@ -88,13 +88,19 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def _interrupted(dataset: PreparedDataset, out: Path, sig: signal.Signals) -> tuple[Path, LaunchError]:
+    """Launch the job and send ``sig`` to rank 1 once rank 0 has finished epoch 1."""
+    job = _job(dataset, out)
+    with pytest.raises(LaunchError) as err:
+        _launch(job, on_epoch=("epoch 1/3", 1, sig))
+    return job, err.value
+
+
 def test_sigterm_on_one_rank_checkpoints_mid_epoch_and_the_retry_ends_with_the_same_weights(
     dataset: PreparedDataset, straight: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
-    job = _job(dataset, tmp_path)
-    with pytest.raises(LaunchError) as err:
-        _launch(job, on_epoch=("epoch 1/3", 1, signal.SIGTERM))
-    assert err.value.rank_exit_code == PREEMPTED_EXIT_CODE and err.value.transient
+    job, error = _interrupted(dataset, tmp_path, signal.SIGTERM)
+    assert error.rank_exit_code == PREEMPTED_EXIT_CODE and error.transient
     assert (tmp_path / PREEMPTED_MARKER).exists()
     saved = latest_checkpoint(tmp_path)
     assert saved is not None and saved["epoch"] == 1 and saved["step"] > 0, "not a mid-epoch checkpoint"
@@ -107,11 +113,8 @@ def test_sigterm_on_one_rank_checkpoints_mid_epoch_and_the_retry_ends_with_the_s
 def test_a_sigkilled_rank_takes_the_launch_down_and_the_retry_resumes(
     dataset: PreparedDataset, straight: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
-    job = _job(dataset, tmp_path)
-    with pytest.raises(LaunchError) as err:
-        _launch(job, on_epoch=("epoch 1/3", 1, signal.SIGKILL))
-    assert err.value.rank == 1 and err.value.rank_exit_code == -signal.SIGKILL
-    assert err.value.transient
+    job, error = _interrupted(dataset, tmp_path, signal.SIGKILL)
+    assert error.rank == 1 and error.rank_exit_code == -signal.SIGKILL and error.transient
     assert not _worker_pids(job), "the launcher left a rank running"
     assert latest_checkpoint(tmp_path)["epoch"] >= 1  # type: ignore[index]
     _launch(job)
