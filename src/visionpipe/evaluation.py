@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
 from visionpipe.data import PreparedDataset, build_loader, load_split
-from visionpipe.models import ModelSpec, build_model
+from visionpipe.models import ModelSpec, build_model, inference_weights
 from visionpipe.training.checkpoint import load_checkpoint
 from visionpipe.training.loop import pick_device, predict_logits
 
@@ -37,8 +37,7 @@ def load_trained_model(checkpoint: Path) -> tuple[torch.nn.Module, ModelSpec]:
     state = load_checkpoint(checkpoint)
     spec = ModelSpec.model_validate_json(state["spec"])
     model = build_model(spec)
-    # Auxiliary heads exist only in training: leave their weights behind.
-    weights = {k: v for k, v in state["model"].items() if not k.startswith(("aux1.", "aux2."))}
+    weights = inference_weights(state["model"])  # auxiliary heads exist only in training
     model.load_state_dict(weights)
     return model.eval(), spec
 

@@ -64,6 +64,11 @@ def strip_aux_heads(model: nn.Module) -> nn.Module:
     return model
 
 
+def inference_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A training state dict without GoogLeNet's auxiliary heads (no-op for other networks)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(("aux1.", "aux2."))}
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Rebuild an inference network (no auxiliary heads) from its spec."""
     if spec.arch == "googlenet":

@@ -19,6 +19,7 @@ import visionpipe
 from visionpipe.data import PreparedDataset
 from visionpipe.data.paths import confined_path
 from visionpipe.serving import ImageClassifier
+from visionpipe.models import inference_weights
 from visionpipe.tracking import client, configure_tracking, redact
 from visionpipe.training.checkpoint import load_checkpoint
 
@@ -68,7 +69,7 @@ def pip_requirements() -> list[str]:
 def export_inference_files(checkpoint: Path, out_dir: Path) -> dict[str, str]:
     """The state dict without auxiliary heads and the model spec, as the pyfunc's artifacts."""
     state = load_checkpoint(checkpoint)
-    weights = {k: v for k, v in state["model"].items() if not k.startswith(("aux1.", "aux2."))}
+    weights = inference_weights(state["model"])
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(weights, out_dir / "state_dict.pt")
     (out_dir / "spec.json").write_text(state["spec"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,7 @@ def log_config(run_id: str, config: BaseModel, name: str = "config") -> None:
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log finite numeric metrics in one batch."""
-    import time
-
+    """Log numeric metrics in one batch."""
     now = int(time.time() * 1000)
     batch = [mlflow.entities.Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
     client().log_batch(run_id, metrics=batch)

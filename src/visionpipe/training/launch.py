@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +183,3 @@ def _failure(code: int, tail: _Tail) -> LaunchError:
                        rank_exit_code=int(exit_match.group(1)) if exit_match else None,
                        exception=exceptions[-1] if exceptions else None)
 
-
-def new_rdzv_id() -> str:
-    return uuid.uuid4().hex[:12]
