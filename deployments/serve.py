@@ -4,7 +4,9 @@
   ImageNet weights, ``on_unavailable: fail``); edit ``NIGHTLY`` for your bucket;
 - ``on-demand``: no schedule; the UI's parameter form starts it, with the offline quickstart's
   parameters as defaults so it runs on any machine;
-- ``score-images/on-demand``: batch scoring with the champion.
+- ``score-images/on-demand``: batch scoring with the champion;
+- ``ddp-node/ddp-node``: one node of a multi-node GoogLeNet launch, started by the GoogLeNet
+  task once per node (``googlenet.launch.nnodes`` above 1).
 
 Against whatever ``PREFECT_API_URL`` and ``MLFLOW_TRACKING_URI`` point at.
 """
@@ -15,6 +17,7 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
+from flows.ddp_node import ddp_node
 from flows.score_images import score_images
 from flows.train_image_classifiers import train_image_classifiers
 from visionpipe.config import PipelineConfig, quickstart
@@ -36,6 +39,9 @@ def deployments() -> list[RunnerDeployment]:
             tags=["on-demand"], description="Start from the UI; defaults run offline."),
         score_images.to_deployment("on-demand", tags=["scoring"],
                                    description="Score an ImageFolder with the champion."),
+        ddp_node.to_deployment("ddp-node", tags=["ddp"],
+                               description="One node of a multi-node GoogLeNet launch; started "
+                               "by train-googlenet, one run per node."),
     ]
 
 

@@ -30,11 +30,12 @@ def _deterministic_types() -> tuple[type[BaseException], ...]:
 
 def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry only failures that a second attempt can fix (network, storage, killed processes)."""
+    from tasks.multinode import NodeRunFailed
     from visionpipe.training.launch import LaunchError
 
     try:
         state.result()
-    except LaunchError as exc:
+    except (LaunchError, NodeRunFailed) as exc:
         return exc.transient  # a killed or preempted rank yes; a rank's ValueError no
     except _deterministic_types():
         return False

@@ -16,6 +16,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel
 
 from tasks.common import per_flow_run, retry_transient, run_logger
+from tasks.multinode import train_on_nodes
 from tasks.tracking import TrackingContext
 from visionpipe import settings, tracking
 from visionpipe.config import FinetuneConfig, GoogLeNetConfig
@@ -98,6 +99,12 @@ def _finish(name: str, run_id: str, result: TrainResult, lineage: dict[str, str]
     """Record the outcome on the candidate's run and close it."""
     if result.skipped_phases:
         tracking.set_tags(run_id, {"skipped_phases": ",".join(result.skipped_phases)})
+    if len(result.rank_weight_digests) > 1:
+        identical = len(set(result.rank_weight_digests)) == 1
+        tracking.set_tags(run_id, {"ranks_identical_weights": str(identical).lower()})
+        if not identical:
+            run_logger().warning("%s: the ranks ended with different weights: %s", name,
+                                 result.rank_weight_digests)
     metrics = {"best_val_top1": result.best_val_top1, "epochs_run": result.epochs_run}
     if result.resumed_from_epoch is not None:
         metrics["resumed_from_epoch"] = result.resumed_from_epoch
@@ -120,9 +127,12 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
                                                     context.parent_run_id, tags=lineage)
     if not existing:
         tracking.log_config(run_id, cfg)
-    out_dir = stage_dir(context, name)
-    result = with_oom_fallback(
-        cfg, lambda c: _launch_worker(c, dataset, out_dir, run_id, context.flow_run_id[:12]))
+    if cfg.launch.multinode:  # one flow run of the ddp-node deployment per node
+        result = train_on_nodes(cfg, dataset, context, name, run_id)
+    else:
+        out_dir = stage_dir(context, name)
+        result = with_oom_fallback(
+            cfg, lambda c: _launch_worker(c, dataset, out_dir, run_id, context.flow_run_id[:12]))
     return _finish(name, run_id, result, lineage)
 
 

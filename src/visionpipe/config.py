@@ -6,7 +6,7 @@ at its edge, the DDP worker receives it as JSON and every checkpoint and MLflow 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -190,18 +190,43 @@ class FinetuneConfig(_Config):
 
 
 class LaunchConfig(_Config):
-    """How torchrun starts the DDP worker; multi-node is configuration, not a rewrite."""
+    """How torchrun starts the DDP worker; multi-node is configuration, not a rewrite.
+
+    With ``nnodes`` above 1 (or a range ``min:max`` whose max is above 1) the GoogLeNet task
+    starts one flow run of ``node_deployment`` per node; each launches torchrun with a c10d
+    rendezvous at ``rdzv_endpoint``, which node 0 hosts.
+    """
 
     nproc_per_node: int | None = Field(
         None, ge=1, description="Processes per node; the visible GPUs, or 2 on a CPU machine."
     )
     nnodes: str = Field("1", description="Node count or elastic range 'min:max'.")
-    node_rank: int = Field(0, ge=0)
-    rdzv_backend: str = "c10d"
-    rdzv_endpoint: str = Field("127.0.0.1:0", description="host:port; port 0 picks a free port.")
-    rdzv_id: str | None = None
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="Process group backend: NCCL when GPUs are visible, else gloo.")
+    rdzv_backend: Literal["c10d"] = "c10d"
+    rdzv_endpoint: str = Field(
+        "127.0.0.1:0",
+        description="host:port of the rendezvous; port 0 picks a free port (one node only). "
+        "Several nodes need a fixed port on node 0's host; '{rdzv_id}' is replaced by the "
+        "rendezvous id, e.g. 'vp-{rdzv_id}-0.visionpipe-ddp.default.svc:29400' for the "
+        "Kubernetes headless service.",
+    )
+    rdzv_id: str | None = Field(None, description="Empty: derived from the flow run and attempt.")
+    rdzv_timeout_s: float = Field(
+        300.0, gt=0, description="How long nodes wait for each other: the pre-flight wait for "
+        "the endpoint and for node 0's token, and torchrun's rendezvous join timeout.")
     max_restarts: int = Field(0, ge=0)
     timeout_s: float = Field(1800.0, gt=0, description="The task kills the launch after this.")
+    node_deployment: str = Field(
+        "ddp-node/ddp-node", description="The deployment whose flow runs are the nodes.")
+    node_job_variables: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Job variables of each node run; '{rdzv_id}' and '{node_index}' in string "
+        "values are replaced, e.g. {'rdzv_hostname': 'vp-{rdzv_id}-{node_index}'} on Kubernetes.",
+    )
+    shared_dir: str | None = Field(
+        None, description="Checkpoint root that every node reaches: a mounted volume or an "
+        "s3:// prefix. Empty: the state folder, which only nodes on one host share.")
 
     @field_validator("nnodes")
     @classmethod
@@ -209,7 +234,30 @@ class LaunchConfig(_Config):
         parts = value.split(":")
         if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError("nnodes must be a positive count or a 'min:max' range, e.g. '2:4'")
+        if int(parts[0]) > int(parts[-1]):
+            raise ValueError(f"nnodes range {value!r} has min above max; write 'min:max', e.g. '2:4'")
         return value
+
+    @property
+    def node_range(self) -> tuple[int, int]:
+        """(min, max) nodes; a plain count is both."""
+        parts = [int(p) for p in self.nnodes.split(":")]
+        return parts[0], parts[-1]
+
+    @property
+    def multinode(self) -> bool:
+        return self.node_range[1] > 1
+
+    @model_validator(mode="after")
+    def _fixed_port_for_nodes(self) -> LaunchConfig:
+        if self.multinode:
+            host, sep, port = self.rdzv_endpoint.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) == 0:
+                raise ValueError(
+                    f"rdzv_endpoint {self.rdzv_endpoint!r} with nnodes {self.nnodes!r}: every node "
+                    "must reach the rendezvous at one fixed host:port on node 0's host, "
+                    "e.g. '10.0.0.5:29400'")
+        return self
 
 
 class GoogLeNetConfig(_Config):

@@ -4,7 +4,9 @@ The variable holds comma-separated entries ``<kind>:<where>[@<once-file>]``:
 
 - ``raise:<rank>``: that DDP rank raises ``RuntimeError`` when training starts (transient);
 - ``oom:<rank>``: that rank raises ``torch.OutOfMemoryError`` in its first training step;
-- ``bug:<stage>``: the stage (e.g. ``register``) raises an ``AssertionError`` (deterministic).
+- ``bug:<stage>``: the stage (e.g. ``register``, or ``node1`` for a multi-node run's node 1) raises an ``AssertionError`` (deterministic);
+- ``die:<rank>``: that rank kills itself with SIGKILL when its second epoch starts, after the
+  first epoch's checkpoint (a lost host, the out-of-memory killer).
 
 With ``@<once-file>`` an entry fires only while that file does not exist, and creates it, so a
 retry or a re-run gets past it. Unset, nothing happens.
@@ -13,6 +15,7 @@ retry or a re-run gets past it. Unset, nothing happens.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -44,6 +47,8 @@ def inject(kind: str, where: str | int) -> None:
     """Raise the fault ``kind`` at ``where`` if the environment asks for it."""
     if not _armed(kind, str(where)):
         return
+    if kind == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
     if kind == "oom":
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected on rank {where})")
     if kind == "bug":

@@ -35,25 +35,36 @@ def _device(local_rank: int, requested: str) -> torch.device:
 
 
 @contextmanager
-def distributed(device: str = "auto", timeout_s: float = 600.0) -> Iterator[DistContext]:
+def distributed(device: str = "auto", timeout_s: float = 600.0,
+                backend: str = "auto") -> Iterator[DistContext]:
     """Yield rank, world size, device and ``is_main``; always destroy the process group.
 
-    Under torchrun (``RANK`` is set) this joins the group: NCCL on GPUs, gloo on the CPU.
+    Under torchrun (``RANK`` is set) this joins the group: NCCL on GPUs, gloo on the CPU;
+    ``backend='gloo'`` trains on the CPU even where GPUs are visible, ``'nccl'`` requires them.
     Without ``RANK`` the same worker runs as one plain process and no group is created.
     """
+    if backend == "gloo":
+        device = "cpu"
+    elif backend == "nccl":
+        device = "cuda"
     if "RANK" not in os.environ:
         yield DistContext(0, 0, 1, _device(0, device), True)
         return
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     dev = _device(local_rank, device)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s),
+    name = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(name, timeout=dt.timedelta(seconds=timeout_s),
                             device_id=dev if dev.type == "cuda" else None)
     try:
         yield DistContext(rank, local_rank, world_size, dev, rank == 0)
     finally:
         dist.destroy_process_group()
+
+
+def nodes_in_world() -> int:
+    """How many nodes (torchrun agents) joined this world; 1 outside torchrun."""
+    return int(os.environ.get("GROUP_WORLD_SIZE", "1"))
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -72,3 +83,12 @@ def broadcast_float(value: float, ctx: DistContext) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
     dist.broadcast(t, src=0)
     return float(t.item())
+
+
+def gather_strings(value: str, ctx: DistContext) -> list[str]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not ctx.distributed:
+        return [value]
+    values: list[str] = [""] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values

@@ -77,13 +77,24 @@ def default_nproc(launch: LaunchConfig) -> int:
     return torch.cuda.device_count() or 2
 
 
-def torchrun_command(launch: LaunchConfig, job_path: Path, nproc: int, rdzv_id: str) -> list[str]:
-    """The ``python -m torch.distributed.run`` command line for the worker module."""
+def torchrun_command(launch: LaunchConfig, job_path: Path, nproc: int, rdzv_id: str,
+                     endpoint: str | None = None, is_host: bool | None = None) -> list[str]:
+    """The ``python -m torch.distributed.run`` command line for the worker module.
+
+    ``endpoint`` is the resolved rendezvous endpoint of a multi-node launch; ``is_host`` says
+    whether this node hosts the c10d store there (node 0 does), instead of torch guessing it
+    from host names, which cannot tell two nodes on one machine apart.
+    """
+    conf = [f"join_timeout={int(launch.rdzv_timeout_s)}"]
+    if is_host is not None:
+        conf.append(f"is_host={str(is_host).lower()}")
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nnodes={launch.nnodes}", f"--nproc-per-node={nproc}",
-        f"--rdzv-backend={launch.rdzv_backend}", f"--rdzv-endpoint={launch.rdzv_endpoint}",
-        f"--rdzv-id={launch.rdzv_id or rdzv_id}", f"--max-restarts={launch.max_restarts}",
+        f"--rdzv-backend={launch.rdzv_backend}",
+        f"--rdzv-endpoint={endpoint or launch.rdzv_endpoint}",
+        f"--rdzv-id={launch.rdzv_id or rdzv_id}", f"--rdzv-conf={','.join(conf)}",
+        f"--max-restarts={launch.max_restarts}",
         "--tee=3",  # every line of every rank comes back through our pipe, prefixed by its rank
         "-m", WORKER_MODULE, str(job_path),
     ]

@@ -18,6 +18,10 @@ class TrainResult(BaseModel):
     spec: ModelSpec
     history: list[dict[str, Any]]
     world_size: int = 1
+    nnodes: int = 1
+    node_index: int | None = None  # the node run that held global rank 0 (multi-node)
+    # sha256 of each rank's final weights, in rank order: DDP keeps them identical.
+    rank_weight_digests: list[str] = []
     skipped_phases: list[str] = []
     resumed_from_epoch: int | None = None
 

@@ -8,6 +8,7 @@ writes checkpoints, logs to MLflow and writes the result file.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -31,7 +32,14 @@ from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.data.loading import BatchIterator
 from visionpipe.models import ModelSpec, build_googlenet
 from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save, save_checkpoint
-from visionpipe.training.distributed import DistContext, all_reduce_sum, broadcast_float, distributed
+from visionpipe.training.distributed import (
+    DistContext,
+    all_reduce_sum,
+    broadcast_float,
+    distributed,
+    gather_strings,
+    nodes_in_world,
+)
 from visionpipe.training.finetune import check_batch_size
 from visionpipe.training.loop import (
     EpochStats,
@@ -42,6 +50,7 @@ from visionpipe.training.loop import (
     warmup_cosine,
 )
 from visionpipe.training.result import TrainResult
+from visionpipe.training.shared import SharedStore
 from visionpipe.training.syncbn import convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,10 @@ class WorkerJob(BaseModel):
     out_dir: str
     result_path: str
     mlflow_run_id: str | None = None
+    # Multi-node: the S3 prefix rank 0 uploads checkpoints to (a mounted volume is out_dir
+    # itself), and the node run this launch belongs to.
+    shared_dir: str | None = None
+    node_index: int | None = None
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", what a preempted rank exits with
@@ -150,6 +163,8 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     faults.inject("oom", ctx.rank)  # test hook: an out-of-memory error in the first step
     with StopSignal(ctx) as stop:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            if epoch > 1:
+                faults.inject("die", ctx.rank)  # test hook: a rank lost after a checkpoint
             loader, _ = build_train_loader(train_x, train_y, cfg, ctx, epoch)
             trainer.ddp_model.train()
             local = train_one_epoch(
@@ -168,7 +183,23 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     return TrainResult(best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
                        best_val_top1=state.best, best_epoch=state.best_epoch, epochs_run=cfg.epochs,
                        spec=trainer.spec, history=state.history, world_size=ctx.world_size,
+                       nnodes=nodes_in_world(), node_index=job.node_index,
+                       rank_weight_digests=gather_strings(weights_digest(trainer.model), ctx),
                        resumed_from_epoch=state.resumed_from_epoch)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the model's parameters, to show that every rank ended with the same.
+
+    Buffers are left out: BatchNorm's running statistics follow each rank's own last batches
+    (DDP copies rank 0's at the start of every forward; rank 0's are the ones saved).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast: FastPath) -> _Trainer:
@@ -283,6 +314,8 @@ def _save(trainer: _Trainer, improved: bool) -> None:
     if improved:  # best first: a resumed run never records a best epoch without its file
         save_checkpoint(checkpoint, out_dir / "best.pt")
     rotate_and_save(checkpoint, out_dir)
+    if trainer.job.shared_dir:  # S3: the next attempt may run on other hosts
+        SharedStore(trainer.job.shared_dir).push(out_dir)
 
 
 def _report(job: WorkerJob, record: dict[str, float], ctx: DistContext) -> None:
@@ -308,19 +341,34 @@ def main(argv: list[str]) -> int:
     job = WorkerJob.model_validate_json(Path(argv[0]).read_text())
     # torchrun --tee puts the local rank in front of every line; the launching task keeps it.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with distributed(timeout_s=job.config.launch.timeout_s) as ctx:
-        log.info("rank %d of %d on %s (%d threads)", ctx.rank, ctx.world_size, ctx.device,
-                 torch.get_num_threads())
+    launch = job.config.launch
+    with distributed(timeout_s=launch.timeout_s, backend=launch.backend) as ctx:
+        log.info("rank %d of %d on %s (%d threads), node %d of %d", ctx.rank, ctx.world_size,
+                 ctx.device, torch.get_num_threads(), int(os.environ.get("GROUP_RANK", "0")),
+                 nodes_in_world())
         if ctx.is_main and job.mlflow_run_id:
-            tracking.log_params(job.mlflow_run_id, {"world_size": str(ctx.world_size),
-                                                    "nnodes": job.config.launch.nnodes})
+            _log_world(job.mlflow_run_id, ctx)
         try:
             result = train_googlenet(job, ctx)
         except Preempted:
             return PREEMPTED_EXIT_CODE
         if ctx.is_main:
             write_result(result, Path(job.result_path))
+            if job.shared_dir:
+                SharedStore(job.shared_dir).push(Path(job.result_path).parent,
+                                                 [Path(job.result_path).name])
     return 0
+
+
+def _log_world(run_id: str, ctx: DistContext) -> None:
+    """The world of this attempt: params for the first one, tags always (an elastic retry may
+    run on fewer nodes, and MLflow params cannot change)."""
+    world = {"world_size": str(ctx.world_size), "nnodes": str(nodes_in_world())}
+    tracking.set_tags(run_id, world)
+    try:
+        tracking.log_params(run_id, world)
+    except Exception as exc:  # noqa: BLE001 - an earlier attempt recorded another world
+        log.warning("world differs from an earlier attempt's (%s); the tags hold this one", exc)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+"""Multi-node GoogLeNet: one flow run of the ``ddp-node`` deployment per node, watched together.
+
+The GoogLeNet task calls ``train_on_nodes`` when ``googlenet.launch.nnodes`` allows more than one
+node. Each node run is placed by its work pool on a GPU host and launches torchrun there with
+the c10d rendezvous that node 0 hosts; torch forms the world. This side only starts the node
+runs, fails fast when one fails (cancelling the others) and returns global rank 0's result.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+from uuid import UUID
+
+from prefect import task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.context import TaskRunContext
+from prefect.deployments import run_deployment
+from prefect.states import Cancelled, Cancelling
+
+from tasks.common import run_logger
+from tasks.tracking import TrackingContext
+from visionpipe import settings
+from visionpipe.config import GoogLeNetConfig
+from visionpipe.data import PreparedDataset
+from visionpipe.training import launch
+from visionpipe.training.multinode import (
+    NodeJob,
+    NodeOutcome,
+    read_result,
+    render_job_variables,
+    rendezvous_id,
+    resolve_endpoint,
+    run_node,
+)
+from visionpipe.training.result import TrainResult
+from visionpipe.training.shared import SharedStore
+
+# Failures a node run reports that another attempt would repeat: its configuration or its code.
+DETERMINISTIC_NODE_ERRORS = frozenset({
+    "PreflightError", "NodeTrainingError", "ValidationError", "ParameterTypeError", "ValueError",
+    "TypeError", "KeyError", "AssertionError", "CheckpointError", "DatasetError",
+    "InjectedBugError"})
+# Prefect's message of a flow run that raised: "Flow run encountered an exception: <Type>: ...".
+_EXCEPTION = re.compile(r"exception: (\w+):")
+_FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED, StateType.CANCELLING}
+_NOT_STARTED = {StateType.SCHEDULED, StateType.PENDING, StateType.PAUSED}
+
+
+class NodeTrainingError(RuntimeError):
+    """A rank of this node raised a deterministic error (its input or code); not retried."""
+
+
+class NodeRunFailed(RuntimeError):
+    """A node run failed; the others were cancelled. ``transient``: whether a retry may help."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+@task(name="launch-node")
+def launch_node(job: NodeJob) -> NodeOutcome:
+    """Pre-flight checks, then torchrun for this node; the rank lines go to the run's log."""
+    logger = run_logger()
+    local = settings.cache_dir("nodes") / job.rdzv_id / f"node{job.node_index}"
+    try:
+        return run_node(job, local, lambda rank, line: logger.info(
+            "[node %d rank %s] %s", job.node_index, "-" if rank is None else rank, line))
+    except launch.LaunchError as exc:
+        if exc.transient:
+            raise
+        raise NodeTrainingError(str(exc)) from exc
+
+
+def shared_stage_dir(cfg: GoogLeNetConfig, context: TrackingContext, stage: str) -> str:
+    """The stage's checkpoint folder on the configured shared storage (or the state folder)."""
+    root = cfg.launch.shared_dir or str(settings.cache_dir("runs"))
+    return f"{root.rstrip('/')}/{context.flow_run_id}/{stage}"
+
+
+def train_on_nodes(cfg: GoogLeNetConfig, dataset: PreparedDataset, context: TrackingContext,
+                   stage: str, mlflow_run_id: str) -> TrainResult:
+    """Start a node run per node, wait for all of them, return global rank 0's result."""
+    logger = run_logger()
+    task_run = TaskRunContext.get().task_run  # type: ignore[union-attr]
+    rdzv_id = cfg.launch.rdzv_id or rendezvous_id(str(task_run.id), max(1, task_run.run_count))
+    endpoint = resolve_endpoint(cfg.launch.rdzv_endpoint, rdzv_id)
+    shared = shared_stage_dir(cfg, context, stage)
+    low, high = cfg.launch.node_range
+    logger.info("starting %d node run(s) of %s (world of %s nodes), rendezvous %s at %s, "
+                "checkpoints in %s", high, cfg.launch.node_deployment, cfg.launch.nnodes,
+                rdzv_id, endpoint, shared)
+    runs: list[FlowRun] = []
+    try:
+        for index in range(high):
+            job = NodeJob(config=cfg, dataset=dataset, node_index=index, node_count=high,
+                          rdzv_id=rdzv_id, rdzv_endpoint=endpoint, shared_dir=shared,
+                          mlflow_run_id=mlflow_run_id)
+            runs.append(run_deployment(
+                cfg.launch.node_deployment, parameters={"job": job.model_dump(mode="json")},
+                timeout=0, flow_run_name=f"{stage}-{rdzv_id}-node{index}",
+                idempotency_key=f"{rdzv_id}-node{index}",
+                job_variables=render_job_variables(cfg.launch.node_job_variables, rdzv_id, index)
+                or None))
+        _wait(runs, low, deadline=time.monotonic() + cfg.launch.timeout_s + cfg.launch.rdzv_timeout_s)
+    except BaseException:
+        _cancel(runs)  # cancelled, timed out or failed: leave no node holding GPUs
+        raise
+    result = read_result(SharedStore(shared), settings.cache_dir("nodes") / rdzv_id / "parent",
+                         rdzv_id)
+    if result is None:
+        raise NodeRunFailed(f"every node run completed but global rank 0 left no result in "
+                            f"{shared}; see the node runs' logs", transient=True)
+    return result
+
+
+def _wait(runs: list[FlowRun], min_nodes: int, deadline: float, poll_s: float = 2.0) -> None:
+    """Until every node run completed; raise as soon as one fails.
+
+    In an elastic range, node runs that never started (no free host) are cancelled once at
+    least ``min_nodes`` completed: the world trained without them.
+    """
+    logger = run_logger()
+    reported: dict[UUID, StateType] = {}
+    with get_client(sync_client=True) as client:
+        while True:
+            current = [client.read_flow_run(run.id) for run in runs]
+            for run in current:
+                kind = run.state.type if run.state else StateType.SCHEDULED
+                if reported.get(run.id) != kind:
+                    reported[run.id] = kind
+                    logger.info("node run %s: %s", run.name, kind.value)
+            failed = [r for r in current if r.state and r.state.type in _FAILED]
+            if failed:
+                raise _failure(failed[0])
+            done = [r for r in current if r.state and r.state.type == StateType.COMPLETED]
+            if len(done) == len(runs):
+                return
+            waiting = [r for r in current if not r.state or r.state.type in _NOT_STARTED]
+            if len(done) >= min_nodes and len(done) + len(waiting) == len(runs):
+                logger.warning("%d node run(s) never started; the world trained with %d node(s)",
+                               len(waiting), len(done))
+                _cancel(waiting)
+                return
+            if time.monotonic() > deadline:
+                raise launch.LaunchTimeout(
+                    "the node runs did not finish within googlenet.launch.timeout_s + "
+                    "rdzv_timeout_s; they were cancelled")
+            time.sleep(poll_s)
+
+
+def _failure(run: FlowRun) -> NodeRunFailed:
+    state = run.state
+    message = (state.message or state.name) if state else "unknown state"
+    match = _EXCEPTION.search(message)
+    transient = not (match and match.group(1) in DETERMINISTIC_NODE_ERRORS)
+    return NodeRunFailed(f"node run {run.name} ended {state.type.value if state else '?'}: "
+                         f"{message}; the other node runs were cancelled", transient=transient)
+
+
+def _cancel(runs: list[FlowRun]) -> None:
+    """Cancel node runs that are not final: running ones through the runner or worker that
+    watches them (it terminates the process, and torchrun's ranks with it)."""
+    if not runs:
+        return
+    with get_client(sync_client=True) as client:
+        for run in runs:
+            current = client.read_flow_run(run.id)
+            if current.state is None or current.state.is_final():
+                continue
+            if current.state.type in _NOT_STARTED:
+                state: Any = Cancelled(message="cancelled by the parent: another node failed")
+            else:
+                state = Cancelling(message="cancelled by the parent: another node failed")
+            client.set_flow_run_state(run.id, state, force=True)
+
