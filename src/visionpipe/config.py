@@ -208,7 +208,7 @@ class LaunchConfig(_Config):
         "127.0.0.1:0",
         description="host:port of the rendezvous; port 0 picks a free port (one node only). "
         "Several nodes need a fixed port on node 0's host; '{rdzv_id}' is replaced by the "
-        "rendezvous id, e.g. 'vp-{rdzv_id}-0.visionpipe-ddp.default.svc:29400' for the "
+        "rendezvous id, e.g. 'vp-{rdzv_id}-0.visionpipe-ddp.visionpipe.svc:29400' for the "
         "Kubernetes headless service.",
     )
     rdzv_id: str | None = Field(None, description="Empty: derived from the flow run and attempt.")

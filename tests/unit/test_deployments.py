@@ -1,9 +1,19 @@
-"""The deployments carry the schedule and the parameters their users expect."""
+"""The deployments carry the schedule and the parameters their users expect; the Kubernetes pool
+templates and the DDP headless service agree with each other and with the node launch."""
 
 from __future__ import annotations
 
+import json
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
 from deployments.serve import deployments
 from visionpipe.config import PipelineConfig
+from visionpipe.training.multinode import render_job_variables, rendezvous_id
 
 
 def test_nightly_is_scheduled_in_a_timezone_and_on_demand_runs_offline() -> None:
@@ -20,3 +30,121 @@ def test_nightly_is_scheduled_in_a_timezone_and_on_demand_runs_offline() -> None
     schema = on_demand._parameter_openapi_schema.model_dump()
     assert "FinetuneConfig" in str(schema["definitions"]) and "resnet50" in str(schema)
     assert ("score-images", "on-demand") in by_name
+
+
+# --- Kubernetes pools for multi-node DDP (no server: the files are parsed as they are) ------------
+
+POOLS = Path(__file__).resolve().parents[2] / "deployments" / "pools"
+BASE_TEMPLATE = POOLS / "kubernetes-base-job-template.json"
+DDP_TEMPLATE = POOLS / "kubernetes-ddp-node-job-template.json"
+DDP_SERVICE = POOLS.parent / "kubernetes" / "ddp-headless-service.yaml"
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
+
+
+def _pod_spec(template: dict) -> dict:
+    return template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("path", [BASE_TEMPLATE, DDP_TEMPLATE], ids=lambda p: p.name)
+def test_every_placeholder_of_a_pool_template_is_a_declared_variable(path: Path) -> None:
+    template = json.loads(path.read_text())
+    used = set(PLACEHOLDER.findall(json.dumps(template["job_configuration"])))
+    declared = set(template["variables"]["properties"])
+    assert used and used <= declared, f"undeclared: {sorted(used - declared)}"
+
+
+def test_the_ddp_node_template_keeps_prefects_fields_and_adds_a_stable_pod_name() -> None:
+    base = json.loads(BASE_TEMPLATE.read_text())
+    ddp = json.loads(DDP_TEMPLATE.read_text())
+    config = ddp["job_configuration"]
+    for key in ("command", "env", "labels", "name", "namespace", "cluster_config",
+                "job_watch_timeout_seconds", "pod_watch_timeout_seconds", "stream_output"):
+        assert config[key] == base["job_configuration"][key] == f"{{{{ {key} }}}}"
+    job = config["job_manifest"]
+    assert job["metadata"] == base["job_configuration"]["job_manifest"]["metadata"]
+    assert job["spec"]["backoffLimit"] == 0  # the parent retries the whole world, never one pod
+    assert job["spec"]["template"]["metadata"]["labels"]["visionpipe.io/ddp-node"] == "true"
+    pod = _pod_spec(ddp)
+    assert pod["hostname"] == "{{ rdzv_hostname }}" and pod["subdomain"] == "visionpipe-ddp"
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["args"] == "{{ command }}"
+    assert container["env"] == _pod_spec(base)["containers"][0]["env"]  # same secrets and state
+    assert {"name": "rdzv", "containerPort": 29400, "protocol": "TCP"} in container["ports"]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    shm = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    volume = next(v for v in pod["volumes"] if v["name"] == shm["name"])
+    assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": "{{ shm_size }}"}
+    variables = ddp["variables"]["properties"]
+    assert variables["rdzv_hostname"]["type"] == "string" and variables["shm_size"]["default"]
+    assert variables["rdzv_hostname"]["pattern"] == DNS_LABEL.pattern
+
+
+def test_prefect_renders_the_hostname_only_when_the_node_run_sets_it() -> None:
+    from prefect.utilities.templating import apply_values
+
+    ddp = json.loads(DDP_TEMPLATE.read_text())
+    # As the worker does: defaults that are not None, then the run's job variables.
+    defaults = {k: v["default"] for k, v in ddp["variables"]["properties"].items()
+                if v.get("default") is not None}
+    unset = apply_values(ddp["job_configuration"], defaults)
+    assert "hostname" not in _pod_spec({"job_configuration": unset})
+    node = apply_values(ddp["job_configuration"], {**defaults, "rdzv_hostname": "vp-abc123-a1-1"})
+    pod = _pod_spec({"job_configuration": node})
+    assert pod["hostname"] == "vp-abc123-a1-1" and pod["subdomain"] == "visionpipe-ddp"
+    assert pod["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == 1
+
+
+def test_the_headless_service_selects_the_node_pods_and_publishes_them_before_ready() -> None:
+    service = yaml.safe_load(DDP_SERVICE.read_text())
+    ddp = json.loads(DDP_TEMPLATE.read_text())
+    assert service["kind"] == "Service" and service["apiVersion"] == "v1"
+    assert service["metadata"]["name"] == _pod_spec(ddp)["subdomain"] == "visionpipe-ddp"
+    namespace = ddp["variables"]["properties"]["namespace"]["default"]
+    assert service["metadata"]["namespace"] == namespace
+    spec = service["spec"]
+    assert spec["clusterIP"] == "None"  # YAML `None` is the string, not null: headless
+    assert spec["publishNotReadyAddresses"] is True
+    pod_labels = ddp["job_configuration"]["job_manifest"]["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"] and spec["selector"].items() <= pod_labels.items()
+    (port,) = spec["ports"]
+    assert port["port"] == 29400 and port["name"] == "rdzv"
+
+
+def test_node_job_variables_render_to_a_dns_label_per_node() -> None:
+    template = {"rdzv_hostname": "vp-{rdzv_id}-{node_index}"}
+    assert render_job_variables(template, "abc123-a1", 1) == {"rdzv_hostname": "vp-abc123-a1-1"}
+    rdzv = rendezvous_id(str(uuid.uuid4()), 3)
+    for node_index in (0, 1, 15):
+        hostname = render_job_variables(template, rdzv, node_index)["rdzv_hostname"]
+        assert isinstance(hostname, str) and DNS_LABEL.match(hostname) and len(hostname) <= 63
+        assert hostname == f"vp-{rdzv}-{node_index}"
+
+
+def test_pools_creates_the_ddp_pool_with_its_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployments.pools import __main__ as pools
+
+    created: list[object] = []
+
+    class FakeClient:
+        async def __aenter__(self) -> FakeClient:
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+        async def create_work_pool(self, pool: object) -> None:
+            created.append(pool)
+
+        async def create_global_concurrency_limit(self, limit: object) -> None:
+            return None
+
+    monkeypatch.setattr(pools, "get_client", FakeClient)
+    assert pools.main(["--gpus", "2", "--ddp-kubernetes"]) == 0
+    by_name = {pool.name: pool for pool in created}
+    assert set(by_name) == {"gpu-host", "gpu-kubernetes-ddp"}
+    ddp = by_name["gpu-kubernetes-ddp"]
+    assert ddp.type == "kubernetes"
+    assert ddp.base_job_template == json.loads(DDP_TEMPLATE.read_text())
