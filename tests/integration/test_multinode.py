@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import pytest
 
@@ -87,10 +88,16 @@ class Cluster:
         raise AssertionError(f"node run {run['id']} did not finish in {timeout} s")
 
 
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("nodes")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
+    base.update(S3_KEYS, AWS_ENDPOINT_URL_S3=s3_server)  # for checkpoints on S3
+    boto3.client("s3", endpoint_url=s3_server, **_boto_keys()).create_bucket(Bucket="checkpoints")
     port = _free_port()
     server_env = {**base, "PREFECT_HOME": str(home / "server"),
                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -126,6 +133,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                     os.killpg(proc.pid, signal.SIGKILL)
         leftover = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout
         assert not leftover.strip(), f"processes left behind: {leftover}"
+
+
+def _boto_keys() -> dict[str, str]:
+    return {"aws_access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+            "region_name": S3_KEYS["AWS_DEFAULT_REGION"]}
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
@@ -208,7 +221,10 @@ def test_two_node_runs_form_one_world_and_only_rank_0_logs(cluster: Cluster) -> 
 
 def test_a_dead_node_fails_the_parent_fast_and_its_retry_resumes(cluster: Cluster) -> None:
     cluster.die_once.unlink()  # arm the fault: global rank 1 dies once, after epoch 1
-    out = cluster.run_pipeline(_config(epochs=2))
+    config = _config(epochs=2)
+    # Checkpoints on S3: the retry's nodes start from empty local folders and download them.
+    config["googlenet"]["launch"]["shared_dir"] = "s3://checkpoints/runs"
+    out = cluster.run_pipeline(config)
     assert out.returncode == 0, out.stderr[-4000:]
     assert cluster.die_once.exists(), "the fault did not fire"
     parent = _pipeline_run(cluster)
@@ -228,6 +244,12 @@ def test_a_dead_node_fails_the_parent_fast_and_its_retry_resumes(cluster: Cluste
     resumed = _mlflow(cluster.home, "SELECT value FROM metrics WHERE run_uuid = ? AND "
                       "key = 'resumed_from_epoch'", run_id)
     assert [v for (v,) in resumed] == [1.0]
+    s3 = boto3.client("s3", endpoint_url=cluster.env["AWS_ENDPOINT_URL_S3"], **_boto_keys())
+    keys = {o["Key"] for o in s3.list_objects_v2(
+        Bucket="checkpoints", Prefix=f"runs/{parent['id']}/scratch-googlenet/")["Contents"]}
+    stage = f"runs/{parent['id']}/scratch-googlenet"
+    assert {f"{stage}/last.pt", f"{stage}/last.pt.sha256", f"{stage}/best.pt"} <= keys, keys
+    assert any(k.startswith(f"{stage}/result-") and "-a2" in k for k in keys), keys
 
 
 def test_a_node_failing_deterministically_cancels_the_waiting_node(cluster: Cluster) -> None:
