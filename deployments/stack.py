@@ -3,7 +3,9 @@
 - Prefect server on PostgreSQL (``PREFECT_SERVER_DATABASE_CONNECTION_URL``);
 - MLflow tracking server on PostgreSQL, artifacts proxied into an S3 bucket
   (``--artifacts-destination``);
-- an S3-compatible endpoint: moto's server here, MinIO or AWS in production (configuration only).
+- an S3-compatible endpoint: moto's server here, MinIO or AWS in production (configuration only);
+- Prefect results and cache records in that bucket (``deployments.results``: an S3Bucket block
+  and ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``), so a retry on another worker finds them.
 
 ``up`` writes ``$VISIONPIPE_HOME/stack.env`` (source it to use the stack) and keeps the process
 ids in ``$VISIONPIPE_HOME/stack/pids.json``; ``down`` stops every process group it started.
@@ -25,6 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from deployments.results import RESULTS_BLOCK
 from visionpipe.settings import visionpipe_home
 
 BUCKET = "visionpipe-artifacts"
@@ -112,11 +115,19 @@ def up() -> dict[str, str]:
             prefect_env, state)
         _wait(f"http://127.0.0.1:{ports['mlflow']}/health", "mlflow", state, pids["mlflow"])
         _wait(f"http://127.0.0.1:{ports['prefect']}/api/health", "prefect", state, pids["prefect"])
+        api = f"http://127.0.0.1:{ports['prefect']}/api"
+        # Results and cache records in the bucket: a retry on another worker finds them.
+        made = subprocess.run([sys.executable, "-m", "deployments.results", "--bucket", BUCKET,
+                               "--endpoint", s3], env={**base, "PREFECT_API_URL": api},
+                              capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        if made.returncode != 0:
+            raise RuntimeError(f"could not create the result storage block: {made.stderr[-2000:]}")
     finally:
         (state / "pids.json").write_text(json.dumps(pids))
-    env = {"PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
-           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
-           "AWS_ENDPOINT_URL_S3": s3, **S3_KEYS, "VISIONPIPE_HOME": str(home)}
+    env = {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
+           "AWS_ENDPOINT_URL_S3": s3, **S3_KEYS, "VISIONPIPE_HOME": str(home),
+           "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": f"s3-bucket/{RESULTS_BLOCK}",
+           "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true"}
     (home / "stack.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     return env
 

@@ -116,6 +116,33 @@ def test_a_run_started_through_the_api_trains_registers_and_is_consumable(stack:
     assert champion.version in {v.version for v in versions}
 
 
+PROBE_CACHE = """
+import json, sys
+from prefect import flow
+from tasks.data import prepare_dataset_task
+from visionpipe.config import DataConfig
+
+@flow
+def probe(data: dict) -> str:
+    return prepare_dataset_task(DataConfig.model_validate(data), return_state=True).name
+
+print(json.dumps({"state": probe(json.loads(sys.argv[1]))}))
+"""
+
+
+def test_results_live_in_s3_so_another_worker_finds_the_cache(
+        stack: dict[str, str], tmp_path: Path) -> None:
+    # Run after the on-demand run above, which prepared this dataset on the served worker.
+    keys = [o["Key"] for o in _s3(stack).list_objects_v2(  # type: ignore[attr-defined]
+        Bucket="visionpipe-artifacts", Prefix="prefect-results/").get("Contents", [])]
+    assert keys, "no Prefect result was written to the bucket"
+    # Another worker: a fresh PREFECT_HOME, so nothing of the first one's local storage.
+    other = {**stack, "PREFECT_HOME": str(tmp_path / "other-worker")}
+    out = _python(["-c", PROBE_CACHE, json.dumps(TINY["data"])], other, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["state"] == "Cached"
+
+
 def _s3(stack: dict[str, str]) -> object:
     return boto3.client("s3", endpoint_url=stack["AWS_ENDPOINT_URL_S3"],
                         aws_access_key_id=stack["AWS_ACCESS_KEY_ID"],
