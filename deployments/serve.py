@@ -13,7 +13,9 @@ Against whatever ``PREFECT_API_URL`` and ``MLFLOW_TRACKING_URI`` point at.
 
 from __future__ import annotations
 
-from prefect import serve
+from typing import Any
+
+from prefect import Flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
@@ -28,20 +30,38 @@ NIGHTLY = PipelineConfig.model_validate({
 })
 
 
-def deployments() -> list[RunnerDeployment]:
+ENTRYPOINTS = {
+    "train-image-classifiers": "flows/train_image_classifiers.py:train_image_classifiers",
+    "score-images": "flows/score_images.py:score_images",
+    "ddp-node": "flows/ddp_node.py:ddp_node",
+}
+
+
+def _flows(source: str | None) -> dict[str, Flow[..., Any]]:
+    """The flows, imported here, or loaded from ``source`` (a checkout or a git URL) so that a
+    work pool's worker runs them from there."""
+    if source is None:
+        return {"train-image-classifiers": train_image_classifiers, "score-images": score_images,
+                "ddp-node": ddp_node}
+    return {name: Flow.from_source(source, entrypoint)  # type: ignore[misc]
+            for name, entrypoint in ENTRYPOINTS.items()}
+
+
+def deployments(source: str | None = None) -> list[RunnerDeployment]:
+    flows = _flows(source)
     return [
-        train_image_classifiers.to_deployment(
+        flows["train-image-classifiers"].to_deployment(
             "nightly", schedule=Cron("0 2 * * *", timezone="Europe/Berlin"),
             parameters={"config": NIGHTLY.model_dump(mode="json")}, tags=["nightly"],
             description="Nightly retraining on the production dataset."),
-        train_image_classifiers.to_deployment(
+        flows["train-image-classifiers"].to_deployment(
             "on-demand", parameters={"config": quickstart().model_dump(mode="json")},
             tags=["on-demand"], description="Start from the UI; defaults run offline."),
-        score_images.to_deployment("on-demand", tags=["scoring"],
-                                   description="Score an ImageFolder with the champion."),
-        ddp_node.to_deployment("ddp-node", tags=["ddp"],
-                               description="One node of a multi-node GoogLeNet launch; started "
-                               "by train-googlenet, one run per node."),
+        flows["score-images"].to_deployment(
+            "on-demand", tags=["scoring"], description="Score an ImageFolder with the champion."),
+        flows["ddp-node"].to_deployment(
+            "ddp-node", tags=["ddp"], description="One node of a multi-node GoogLeNet launch; "
+            "started by train-googlenet, one run per node."),
     ]
 
 

@@ -1,7 +1,8 @@
 """The production-like stack: Prefect server and MLflow server on PostgreSQL, S3 on moto's server.
 
-A deployment is served by a real `serve` process; a run is started through the Prefect API with
-parameters, exactly as the UI's form does; the results are checked on the servers themselves.
+The deployments are deployed to a process work pool and run by a real `prefect worker`; a run is
+started through the Prefect API with parameters, exactly as the UI's form does; the results are
+checked on the servers themselves.
 """
 
 from __future__ import annotations
@@ -47,14 +48,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     assert started.returncode == 0, started.stderr[-3000:]
     env = {**base, **dict(line.split("=", 1) for line in (home / "stack.env").read_text().splitlines())}
     env["PREFECT_HOME"] = str(home / "client-prefect")
-    server = subprocess.Popen([sys.executable, "-m", "deployments.serve"], cwd=REPO, env=env,
-                              stdout=(home / "serve.log").open("wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    # The deployments go to a process work pool, and a worker runs them, as on a GPU host.
+    for args in (["-m", "deployments.pools", "--gpus", "2"], ["-m", "deployments.deploy", "--pool", "gpu-host"]):
+        made = _python(args, env, timeout=300)
+        assert made.returncode == 0, made.stderr[-3000:]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu-host"], cwd=REPO,
+        env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_HOME": str(home / "worker-prefect")},
+        stdout=(home / "worker.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield env
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=60)
         stopped = _python(["-m", "deployments.stack", "down"], base, timeout=120)
         assert stopped.returncode == 0 and "stopped 3 process group(s)" in stopped.stdout, stopped
         leftover = subprocess.run(["pgrep", "-f", f"{home}"], capture_output=True, text=True).stdout
@@ -82,7 +88,7 @@ print(json.dumps({"state": run.state.type.value, "message": run.state.message}))
 
 
 def _run_deployment(env: dict[str, str], name: str, parameters: dict[str, object]) -> dict[str, str]:
-    deadline = time.monotonic() + 120  # the serve process registers the deployments first
+    deadline = time.monotonic() + 120  # deployments are registered before the worker starts
     while True:
         out = _python(["-c", RUN_DEPLOYMENT, name, json.dumps(parameters)], env, timeout=1200)
         if out.returncode == 0 or time.monotonic() > deadline or "not found" not in out.stderr.lower():
