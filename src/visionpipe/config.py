@@ -123,6 +123,7 @@ class FastPath(BaseModel):
     data_on_device: bool
     compile: bool
     static_graph: bool
+    decode_on_device: bool = False
 
 
 class FastPathConfig(_Config):
@@ -141,6 +142,24 @@ class FastPathConfig(_Config):
     static_graph: bool | None = Field(
         None, description="DDP static_graph: valid because every step uses the same parameters."
     )
+    streaming: bool | None = Field(
+        None, description="Read the images batch by batch (DataLoader workers, pinned memory, "
+        "persistent workers) instead of holding each split in memory. Empty: when the training "
+        "split's decoded images exceed memory_limit_gb.")
+    memory_limit_gb: float = Field(
+        4.0, gt=0, description="Largest training split (as uint8 pixels) held in memory.")
+    num_workers: int | None = Field(
+        None, ge=0, description="Decoding workers of the streaming path; empty: the cores, "
+        "at most 8, less one.")
+    decode_on_device: bool | None = Field(
+        None, description="Streaming: the workers only read files and the batch is decoded on "
+        "the GPU (torchvision.io.decode_jpeg on CUDA, for JPEGs). Empty: on with CUDA.")
+
+    def wants_streaming(self, train_bytes: int) -> bool:
+        """Whether to stream a training split of ``train_bytes`` decoded bytes."""
+        if self.streaming is not None:
+            return self.streaming
+        return train_bytes > self.memory_limit_gb * 2**30
 
     def resolve(self, device_type: str) -> FastPath:
         gpu = device_type == "cuda"
@@ -151,7 +170,8 @@ class FastPathConfig(_Config):
         return FastPath(autocast_bf16=pick(self.autocast_bf16), channels_last=pick(self.channels_last),
                         cudnn_benchmark=gpu and pick(self.cudnn_benchmark),
                         data_on_device=gpu and pick(self.data_on_device), compile=self.compile,
-                        static_graph=pick(self.static_graph))
+                        static_graph=pick(self.static_graph),
+                        decode_on_device=pick(self.decode_on_device))
 
 
 class FinetuneConfig(_Config):

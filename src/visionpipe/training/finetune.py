@@ -14,6 +14,7 @@ from torch import nn
 
 from visionpipe.config import FastPath, FinetuneConfig, Phase, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
+from visionpipe.data.streaming import StreamingLoader, decoded_bytes
 from visionpipe.models import (
     ModelSpec,
     build_resnet,
@@ -44,8 +45,37 @@ EpochCallback = Callable[[dict[str, Any]], None]
 
 @dataclass
 class _Data:
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
+    """The train and val splits: uint8 tensors in memory, or streamed from disk per batch."""
+
+    dataset: PreparedDataset
+    device: torch.device  # where the batches are delivered
+    cfg: FinetuneConfig
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    streams: dict[tuple[str, int, bool, bool], StreamingLoader] = field(default_factory=dict)
+
+    @property
+    def streaming(self) -> bool:
+        return not self.splits
+
+    def count(self, split: str) -> int:
+        return len(self.splits[split][1]) if self.splits else self.dataset.split_counts[split]
+
+    def loader(self, split: str, batch_size: int, *, shuffle: bool, augment: bool,
+               seed: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of ``split``; ``seed`` picks the shuffle and the crops, as in memory."""
+        if self.splits:
+            return build_loader(*self.splits[split], batch_size=batch_size, shuffle=shuffle,
+                                augment=augment, seed=seed)
+        key = (split, batch_size, shuffle, augment)
+        if key not in self.streams:  # one loader per kind: its workers persist across epochs
+            fast = self.cfg.fast
+            self.streams[key] = StreamingLoader(
+                self.dataset, split, batch_size, shuffle=shuffle, augment=augment, seed=0,
+                device=self.device, num_workers=fast.num_workers,
+                decode_on_device=fast.resolve(self.device.type).decode_on_device)
+        stream = self.streams[key]
+        stream.set_epoch(0, seed=seed)  # seeded like the in-memory path: the same batches
+        return stream
 
 
 @dataclass
@@ -105,8 +135,8 @@ def finetune(
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     fast = cfg.fast.resolve(device.type)
-    data = _load_data(dataset, device if fast.data_on_device else torch.device("cpu"))
-    check_batch_size(cfg.batch_size, len(data.train[1]))
+    data = _load_data(dataset, cfg, device, fast)
+    check_batch_size(cfg.batch_size, data.count("train"))
     model = build_resnet(cfg.arch, dataset.num_classes)
     state = load_state_dict_file(weights_path, weights_sha256)
     check_state_dict_keys(model, state, ignore_prefixes=[f"{h}." for h in head_modules(cfg.arch)])
@@ -142,10 +172,17 @@ def finetune(
     )
 
 
-def _load_data(dataset: PreparedDataset, device: torch.device) -> _Data:
-    """Train and val splits as uint8 tensors, on the GPU for small datasets (fast path)."""
-    splits = [load_split(dataset, split) for split in ("train", "val")]
-    return _Data(*[(x.to(device), y.to(device)) for x, y in splits])
+def _load_data(dataset: PreparedDataset, cfg: FinetuneConfig, device: torch.device,
+               fast: FastPath) -> _Data:
+    """Train and val splits as uint8 tensors, on the GPU for small datasets (fast path), or
+    streamed batch by batch when the training split is too large to hold in memory."""
+    if cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
+        log.info("streaming %s from disk: %d training images", dataset.name,
+                 dataset.split_counts["train"])
+        return _Data(dataset, device, cfg)
+    where = device if fast.data_on_device else torch.device("cpu")
+    splits = {split: load_split(dataset, split) for split in ("train", "val")}
+    return _Data(dataset, where, cfg, {k: (x.to(where), y.to(where)) for k, (x, y) in splits.items()})
 
 
 def _resume_state(run: _Run) -> dict[str, Any] | None:
@@ -181,7 +218,7 @@ def _run_phase(run: _Run, index: int, phase: Phase, resume: dict[str, Any] | Non
     optimizer = build_optimizer(
         param_groups(model, cfg.arch, phase.lr, phase.backbone_lr_fraction), cfg.optim, run.device
     )
-    steps = math.ceil(math.ceil(len(run.data.train[1]) / cfg.batch_size) / cfg.grad_accumulation)
+    steps = math.ceil(math.ceil(run.data.count("train") / cfg.batch_size) / cfg.grad_accumulation)
     scheduler = warmup_cosine(optimizer, phase.epochs * steps, int(phase.warmup_epochs * steps))
     first = 1
     if resume is not None:
@@ -241,10 +278,10 @@ def _phase_batches(model: nn.Module, cfg: FinetuneConfig, data: _Data, device: t
         return _feature_batches(model, cfg, data, device)
 
     def train(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        return build_loader(*data.train, batch_size=cfg.batch_size, shuffle=True,
-                            augment=cfg.augment, seed=cfg.seed + epoch)
+        return data.loader("train", cfg.batch_size, shuffle=True, augment=cfg.augment,
+                           seed=cfg.seed + epoch)
 
-    val = build_loader(*data.val, batch_size=cfg.batch_size, shuffle=False, augment=False, seed=0)
+    val = data.loader("val", cfg.batch_size, shuffle=False, augment=False, seed=0)
     return _Batches(model, model, train, val)
 
 
@@ -252,11 +289,10 @@ def _feature_batches(model: nn.Module, cfg: FinetuneConfig, data: _Data, device:
     head: nn.Module = model.fc  # type: ignore[assignment]
     model.fc = nn.Identity()
     try:
-        train_x = _features(model, data.train, cfg.batch_size, device)  # N x feature_dim
-        val_x = _features(model, data.val, cfg.batch_size, device)
+        train_x, train_y = _features(model, data, "train", cfg.batch_size, device)  # N x dim
+        val_x, val_y = _features(model, data, "val", cfg.batch_size, device)
     finally:
         model.fc = head
-    train_y, val_y = data.train[1].to(train_x.device), data.val[1].to(val_x.device)
 
     def train(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         # The same order as the image batches of this epoch (BatchIterator's first shuffle).
@@ -268,12 +304,15 @@ def _feature_batches(model: nn.Module, cfg: FinetuneConfig, data: _Data, device:
 
 
 @torch.inference_mode()
-def _features(model: nn.Module, split: tuple[torch.Tensor, torch.Tensor], batch_size: int,
-              device: torch.device) -> torch.Tensor:
+def _features(model: nn.Module, data: _Data, split: str, batch_size: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen backbone's features of a split in order, and its labels, on ``device``."""
     model.eval()
-    loader = build_loader(*split, batch_size=batch_size, shuffle=False, augment=False, seed=0)
-    # Features stay on the device the head trains on.
-    return torch.cat([model(x.to(device)) for x, _ in loader]).clone()
+    features, labels = [], []
+    for x, y in data.loader(split, batch_size, shuffle=False, augment=False, seed=0):
+        features.append(model(x.to(device)))  # features stay on the device the head trains on
+        labels.append(y.to(device))
+    return torch.cat(features).clone(), torch.cat(labels)
 
 
 def _epoch_record(phase: Phase, phase_epoch: int, epoch: int, train: EpochStats,

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from visionpipe import faults, tracking
 from visionpipe.config import FastPath, GoogLeNetConfig, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.data.loading import BatchIterator
+from visionpipe.data.streaming import StreamingLoader, decoded_bytes
 from visionpipe.models import ModelSpec, build_googlenet
 from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save, save_checkpoint
 from visionpipe.training.distributed import (
@@ -150,13 +152,9 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     faults.inject("raise", ctx.rank)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     fast = cfg.fast.resolve(ctx.device.type)
-    train_x, train_y = load_split(dataset, "train")
-    if fast.data_on_device:  # small datasets stay on the GPU; batches are sliced there
-        train_x, train_y = train_x.to(ctx.device), train_y.to(ctx.device)
-    check_batch_size(cfg.batch_size, len(train_y) // ctx.world_size)
-    val_loader = build_loader(*load_split(dataset, "val"), batch_size=cfg.batch_size * 2,
-                              shuffle=False, augment=False, seed=0)
-    batches = len(build_train_loader(train_x, train_y, cfg, ctx)[0])
+    check_batch_size(cfg.batch_size, dataset.split_counts["train"] // ctx.world_size)
+    epoch_batches, val_loader = _batches(dataset, cfg, ctx, fast)
+    batches = len(epoch_batches(1))
     trainer = _build_trainer(job, ctx, steps_per_epoch=-(-batches // cfg.grad_accumulation), fast=fast)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     state = trainer.state
@@ -165,7 +163,7 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             if epoch > 1:
                 faults.inject("die", ctx.rank)  # test hook: a rank lost after a checkpoint
-            loader, _ = build_train_loader(train_x, train_y, cfg, ctx, epoch)
+            loader = epoch_batches(epoch)
             trainer.ddp_model.train()
             local = train_one_epoch(
                 trainer.ddp_model, loader, trainer.optimizer, trainer.scheduler, criterion,
@@ -200,6 +198,42 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
+             fast: FastPath) -> tuple[Callable[[int], Batches], Batches]:
+    """This rank's training batches of an epoch, and the validation batches.
+
+    In memory (small datasets, on the GPU with the fast path), or streamed from disk by
+    DataLoader workers when the training split is larger than ``fast.memory_limit_gb``.
+    """
+    if not cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
+        train_x, train_y = load_split(dataset, "train")
+        if fast.data_on_device:  # small datasets stay on the GPU; batches are sliced there
+            train_x, train_y = train_x.to(ctx.device), train_y.to(ctx.device)
+        val = build_loader(*load_split(dataset, "val"), batch_size=cfg.batch_size * 2,
+                           shuffle=False, augment=False, seed=0)
+        return lambda epoch: build_train_loader(train_x, train_y, cfg, ctx, epoch)[0], val
+    count = dataset.split_counts["train"]
+    sampler = (DistributedSampler(range(count), num_replicas=ctx.world_size,  # type: ignore[arg-type]
+                                  rank=ctx.rank, shuffle=True, seed=cfg.seed)
+               if ctx.distributed else None)
+    options = {"device": ctx.device, "num_workers": cfg.fast.num_workers,
+               "decode_on_device": fast.decode_on_device}
+    train = StreamingLoader(dataset, "train", cfg.batch_size, shuffle=True, augment=cfg.augment,
+                            seed=cfg.seed, sampler=sampler, flip=False, **options)  # type: ignore[arg-type]
+    val = StreamingLoader(dataset, "val", cfg.batch_size * 2, shuffle=False, augment=False, seed=0,
+                          **options)  # type: ignore[arg-type]
+
+    def epoch_batches(epoch: int) -> Batches:
+        # The shuffle and the crops of the in-memory path's epoch.
+        train.set_epoch(epoch, seed=cfg.seed + 7919 * epoch + ctx.rank)
+        return train
+
+    return epoch_batches, val
 
 
 def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast: FastPath) -> _Trainer:
