@@ -17,9 +17,10 @@ from visionpipe.data.s3 import parse_s3_uri, s3_client
 
 log = logging.getLogger(__name__)
 
-# What a stage folder holds that another node or a later attempt needs.
-CHECKPOINT_FILES = ("last.pt", "last.pt.sha256", "prev.pt", "prev.pt.sha256", "best.pt",
-                    "best.pt.sha256")
+# What a stage folder holds that another node or a later attempt needs, in upload order: the
+# older checkpoint first, so an upload cut short leaves S3 with a valid pair to fall back to.
+CHECKPOINT_FILES = ("prev.pt", "prev.pt.sha256", "best.pt", "best.pt.sha256", "last.pt",
+                    "last.pt.sha256")
 TOKENS = ".nodes"
 
 
