@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -47,6 +49,8 @@ DETERMINISTIC_NODE_ERRORS = frozenset({
 _EXCEPTION = re.compile(r"exception: (\w+):")
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED, StateType.CANCELLING}
 _NOT_STARTED = {StateType.SCHEDULED, StateType.PENDING, StateType.PAUSED}
+# After cancelling: longer than a worker's grace period (30 s) plus torchrun's teardown (20 s).
+CANCEL_WAIT_S = 90.0
 
 
 class NodeTrainingError(RuntimeError):
@@ -82,14 +86,17 @@ def shared_stage_dir(cfg: GoogLeNetConfig, context: TrackingContext, stage: str)
 
 
 def train_on_nodes(cfg: GoogLeNetConfig, dataset: PreparedDataset, context: TrackingContext,
-                   stage: str, mlflow_run_id: str) -> TrainResult:
-    """Start a node run per node, wait for all of them, return global rank 0's result."""
+                   stage: str, mlflow_run_id: str, local_dir: Path) -> TrainResult:
+    """Start a node run per node, wait for all of them, return global rank 0's result with
+    its checkpoints reachable from this process (downloaded into ``local_dir`` from S3)."""
     logger = run_logger()
     task_run = TaskRunContext.get().task_run  # type: ignore[union-attr]
-    rdzv_id = cfg.launch.rdzv_id or rendezvous_id(str(task_run.id), max(1, task_run.run_count))
+    # Always a new id per attempt, also from a configured one: a retry never meets the old world.
+    rdzv_id = rendezvous_id(cfg.launch.rdzv_id or str(task_run.id), max(1, task_run.run_count))
     endpoint = resolve_endpoint(cfg.launch.rdzv_endpoint, rdzv_id)
     shared = shared_stage_dir(cfg, context, stage)
     low, high = cfg.launch.node_range
+    scratch = settings.cache_dir("nodes") / rdzv_id / "parent"
     logger.info("starting %d node run(s) of %s (world of %s nodes), rendezvous %s at %s, "
                 "checkpoints in %s", high, cfg.launch.node_deployment, cfg.launch.nnodes,
                 rdzv_id, endpoint, shared)
@@ -105,23 +112,28 @@ def train_on_nodes(cfg: GoogLeNetConfig, dataset: PreparedDataset, context: Trac
                 idempotency_key=f"{rdzv_id}-node{index}",
                 job_variables=render_job_variables(cfg.launch.node_job_variables, rdzv_id, index)
                 or None))
-        _wait(runs, low, deadline=time.monotonic() + cfg.launch.timeout_s + cfg.launch.rdzv_timeout_s)
+        store = SharedStore(shared)
+        _wait(runs, low, lambda: read_result(store, scratch, rdzv_id) is not None,
+              deadline=time.monotonic() + cfg.launch.timeout_s + cfg.launch.rdzv_timeout_s)
     except BaseException:
-        _cancel(runs)  # cancelled, timed out or failed: leave no node holding GPUs
+        # Cancelled, timed out or failed: leave no node holding GPUs, and let no retry start
+        # while an old rank may still write its preemption checkpoint.
+        _cancel(runs, wait_s=CANCEL_WAIT_S)
         raise
-    result = read_result(SharedStore(shared), settings.cache_dir("nodes") / rdzv_id / "parent",
-                         rdzv_id)
+    result = read_result(store, scratch, rdzv_id)
     if result is None:
         raise NodeRunFailed(f"every node run completed but global rank 0 left no result in "
                             f"{shared}; see the node runs' logs", transient=True)
-    return result
+    return localize_checkpoints(result, store, local_dir)
 
 
-def _wait(runs: list[FlowRun], min_nodes: int, deadline: float, poll_s: float = 2.0) -> None:
+def _wait(runs: list[FlowRun], min_nodes: int, finished: Callable[[], bool], deadline: float,
+          poll_s: float = 2.0) -> None:
     """Until every node run completed; raise as soon as one fails.
 
-    In an elastic range, node runs that never started (no free host) are cancelled once at
-    least ``min_nodes`` completed: the world trained without them.
+    In an elastic range, once at least ``min_nodes`` completed and global rank 0's result is
+    there (``finished``), the node runs still waiting or starting late are cancelled: the world
+    trained without them.
     """
     logger = run_logger()
     reported: dict[UUID, StateType] = {}
@@ -135,15 +147,15 @@ def _wait(runs: list[FlowRun], min_nodes: int, deadline: float, poll_s: float = 
                     logger.info("node run %s: %s", run.name, kind.value)
             failed = [r for r in current if r.state and r.state.type in _FAILED]
             if failed:
-                raise _failure(failed[0])
+                raise _failure(failed)
             done = [r for r in current if r.state and r.state.type == StateType.COMPLETED]
             if len(done) == len(runs):
                 return
-            waiting = [r for r in current if not r.state or r.state.type in _NOT_STARTED]
-            if len(done) >= min_nodes and len(done) + len(waiting) == len(runs):
-                logger.warning("%d node run(s) never started; the world trained with %d node(s)",
-                               len(waiting), len(done))
-                _cancel(waiting)
+            if len(done) >= min_nodes and finished():
+                late = [r for r in current if r not in done]
+                logger.warning("%d node run(s) did not join; the world trained with %d node(s)",
+                               len(late), len(done))
+                _cancel(late)
                 return
             if time.monotonic() > deadline:
                 raise launch.LaunchTimeout(
@@ -152,28 +164,64 @@ def _wait(runs: list[FlowRun], min_nodes: int, deadline: float, poll_s: float = 
             time.sleep(poll_s)
 
 
-def _failure(run: FlowRun) -> NodeRunFailed:
-    state = run.state
+def _failure(failed: list[FlowRun]) -> NodeRunFailed:
+    """The error of the failed node runs: deterministic if any of them failed deterministically
+    (the others usually died of it: a closed connection), else transient."""
+    def deterministic(run: FlowRun) -> bool:
+        match = _EXCEPTION.search((run.state.message or "") if run.state else "")
+        return bool(match and match.group(1) in DETERMINISTIC_NODE_ERRORS)
+
+    first = next((r for r in failed if deterministic(r)), failed[0])
+    state = first.state
     message = (state.message or state.name) if state else "unknown state"
-    match = _EXCEPTION.search(message)
-    transient = not (match and match.group(1) in DETERMINISTIC_NODE_ERRORS)
-    return NodeRunFailed(f"node run {run.name} ended {state.type.value if state else '?'}: "
-                         f"{message}; the other node runs were cancelled", transient=transient)
+    return NodeRunFailed(f"node run {first.name} ended {state.type.value if state else '?'}: "
+                         f"{message}; the other node runs were cancelled",
+                         transient=not any(deterministic(r) for r in failed))
 
 
-def _cancel(runs: list[FlowRun]) -> None:
+def _cancel(runs: list[FlowRun], wait_s: float = 0.0) -> None:
     """Cancel node runs that are not final: running ones through the runner or worker that
-    watches them (it terminates the process, and torchrun's ranks with it)."""
+    watches them (it terminates the process, and torchrun's ranks with it). With ``wait_s``,
+    wait that long for them to be final, so a retry never overlaps the attempt it replaces."""
     if not runs:
         return
+    message = "cancelled by the parent: the world is over (a node failed, or it finished)"
     with get_client(sync_client=True) as client:
         for run in runs:
             current = client.read_flow_run(run.id)
             if current.state is None or current.state.is_final():
                 continue
-            if current.state.type in _NOT_STARTED:
-                state: Any = Cancelled(message="cancelled by the parent: another node failed")
-            else:
-                state = Cancelling(message="cancelled by the parent: another node failed")
+            state: Any = (Cancelled(message=message) if current.state.type in _NOT_STARTED
+                          else Cancelling(message=message))
             client.set_flow_run_state(run.id, state, force=True)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            pending = [r.name for r in runs if not _is_final(client.read_flow_run(r.id))]
+            if not pending:
+                return
+            time.sleep(1.0)
+        if wait_s:
+            run_logger().warning("node runs %s were not final %.0f s after cancelling them",
+                                 pending, wait_s)
+
+
+def _is_final(run: FlowRun) -> bool:
+    return run.state is None or run.state.is_final()
+
+
+def localize_checkpoints(result: TrainResult, store: SharedStore, local_dir: Path) -> TrainResult:
+    """Point the result at checkpoints this process can open: downloaded from S3 into
+    ``local_dir``, or on the shared volume, which this host must mount at the same path."""
+    if store.is_s3:
+        names = ["best.pt", "best.pt.sha256", "last.pt", "last.pt.sha256"]
+        store.pull(local_dir, names)
+        return result.model_copy(update={"best_checkpoint": str(local_dir / "best.pt"),
+                                         "last_checkpoint": str(local_dir / "last.pt")})
+    for path in (result.best_checkpoint, result.last_checkpoint):
+        if not Path(path).is_file():
+            raise NodeRunFailed(
+                f"global rank 0 wrote {path}, which this host cannot see: the flow run that "
+                "evaluates and registers must mount googlenet.launch.shared_dir at the same "
+                "path as the nodes, or use an s3:// prefix", transient=False)
+    return result
 

@@ -127,10 +127,10 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
                                                     context.parent_run_id, tags=lineage)
     if not existing:
         tracking.log_config(run_id, cfg)
+    out_dir = stage_dir(context, name)
     if cfg.launch.multinode:  # one flow run of the ddp-node deployment per node
-        result = train_on_nodes(cfg, dataset, context, name, run_id)
+        result = train_on_nodes(cfg, dataset, context, name, run_id, out_dir)
     else:
-        out_dir = stage_dir(context, name)
         result = with_oom_fallback(
             cfg, lambda c: _launch_worker(c, dataset, out_dir, run_id, context.flow_run_id[:12]))
     return _finish(name, run_id, result, lineage)

@@ -151,9 +151,10 @@ class FastPathConfig(_Config):
     num_workers: int | None = Field(
         None, ge=0, description="Decoding workers of the streaming path; empty: the cores, "
         "at most 8, less one.")
-    decode_on_device: bool | None = Field(
-        None, description="Streaming: the workers only read files and the batch is decoded on "
-        "the GPU (torchvision.io.decode_jpeg on CUDA, for JPEGs). Empty: on with CUDA.")
+    decode_on_device: bool = Field(
+        False, description="Streaming: the workers only read files and the batch is decoded on "
+        "the GPU (torchvision.io.decode_jpeg on CUDA, for JPEGs), for when the CPU cannot decode "
+        "fast enough. Pixels differ slightly from the CPU decoder's.")
 
     def wants_streaming(self, train_bytes: int) -> bool:
         """Whether to stream a training split of ``train_bytes`` decoded bytes."""
@@ -171,7 +172,7 @@ class FastPathConfig(_Config):
                         cudnn_benchmark=gpu and pick(self.cudnn_benchmark),
                         data_on_device=gpu and pick(self.data_on_device), compile=self.compile,
                         static_graph=pick(self.static_graph),
-                        decode_on_device=pick(self.decode_on_device))
+                        decode_on_device=self.decode_on_device)
 
 
 class FinetuneConfig(_Config):

@@ -144,6 +144,6 @@ def test_a_failed_node_run_is_retried_only_when_a_retry_can_help(message: str, t
     from tasks.multinode import _failure
 
     run = FlowRun(flow_id=uuid.uuid4(), name="scratch-googlenet-x-a1-node1", state=Failed(message=message))
-    error = _failure(run)
+    error = _failure([run])
     assert error.transient is transient
     assert "node1" in str(error) and message in str(error)

@@ -11,7 +11,10 @@ does not fit (``FastPathConfig.memory_limit_gb``), ``StreamingLoader`` reads it 
 - augmentation and normalisation run on the device, on uint8 batches (4x less to copy than
   float32), exactly as in the in-memory path.
 
-With the same seed and order both paths give the same batches.
+With the same seed the worker-decoded stream gives exactly the batches of the in-memory path.
+Decoding on the device gives the same order and crops, but its pixels differ slightly (another
+JPEG decoder and resize; an alpha channel is dropped, not composited on black), so it is off
+unless asked for.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ def decoded_bytes(dataset: PreparedDataset, split: str) -> int:
 
 
 def default_workers() -> int:
-    """Decoding workers: the cores, at most 8, leaving one for the training process."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """Decoding workers per process: this host's cores shared by its ranks (torchrun's
+    ``LOCAL_WORLD_SIZE``), at most 8, leaving one core for each training process."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, (os.cpu_count() or 1) // ranks - 1))
 
 
 class EpochShuffle(Sampler[int]):
@@ -96,9 +101,11 @@ def decode_batch(files: list[bytes], image_size: int, device: torch.device,
     """Decode and resize a batch of encoded images to uint8 ``N x 3 x S x S`` on ``device``."""
     encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
     if device.type == "cuda" and all_jpeg:
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device,
+                             apply_exif_orientation=True)
     else:
-        images = [decode_image(data, mode=ImageReadMode.RGB).to(device) for data in encoded]
+        images = [decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True).to(device)
+                  for data in encoded]
     return torch.stack([
         image if tuple(image.shape[-2:]) == (image_size, image_size)
         else tvf.resize(image, [image_size, image_size], antialias=True)

@@ -71,9 +71,12 @@ class LaunchTimeout(LaunchError):
 
 
 def default_nproc(launch: LaunchConfig) -> int:
-    """Processes per node: as configured, else one per visible GPU, else 2 CPU processes."""
+    """Processes per node: as configured, else one per visible GPU, else (or with the gloo
+    backend) 2 CPU processes."""
     if launch.nproc_per_node:
         return launch.nproc_per_node
+    if launch.backend == "gloo":
+        return 2
     return torch.cuda.device_count() or 2
 
 

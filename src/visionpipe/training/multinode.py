@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -96,16 +97,9 @@ def wants_nccl(cfg: GoogLeNetConfig) -> bool:
     return backend == "nccl" or (backend == "auto" and torch.cuda.is_available())
 
 
-def nproc_for(cfg: GoogLeNetConfig) -> int:
-    """Processes on this node: as configured, else one per GPU under NCCL, else 2 on the CPU."""
-    if cfg.launch.nproc_per_node:
-        return cfg.launch.nproc_per_node
-    return torch.cuda.device_count() if wants_nccl(cfg) else 2
-
-
 def check_gpus(cfg: GoogLeNetConfig, node_index: int, gpus: int | None = None) -> int:
     """Fail when NCCL is asked for more processes than this host has GPUs; return nproc."""
-    nproc = nproc_for(cfg)
+    nproc = launch.default_nproc(cfg.launch)
     if not wants_nccl(cfg):
         return nproc
     visible = torch.cuda.device_count() if gpus is None else gpus
@@ -229,12 +223,14 @@ def run_node(job: NodeJob, local_dir: Path, on_line: Callable[[int | None, str],
     job_path.write_text(worker_job.model_dump_json(indent=2))
     cmd = launch.torchrun_command(job.config.launch, job_path, nproc, job.rdzv_id,
                                   endpoint=job.rdzv_endpoint, is_host=job.node_index == 0)
-    log.info("node %d: %s", job.node_index, " ".join(cmd))
+    log.info("node %d of %d: %s", job.node_index, job.node_count, " ".join(cmd))
     launch.run_torchrun(cmd, job.config.launch.timeout_s, on_line, env=launch.worker_env(nproc))
     outcome = NodeOutcome(node_index=job.node_index, hostname=socket.gethostname(), nproc=nproc)
     written = read_result(store, out_dir, job.rdzv_id)
     if written is not None and written.node_index == job.node_index:
         outcome.result = written
+    # This host's scratch: the job file, and on S3 the checkpoint copies (S3 holds them).
+    shutil.rmtree(local_dir, ignore_errors=True)
     return outcome
 
 

@@ -55,8 +55,8 @@ class SharedStore:
     def push(self, local: Path, names: Iterable[str] = CHECKPOINT_FILES) -> None:
         """Upload the named files of ``local`` that exist (S3 only; a volume is written in place).
 
-        Each checkpoint goes up before its digest file, so a reader never sees a digest that
-        names an older upload.
+        In the order given: the older checkpoint first. Between a checkpoint and its digest a
+        reader sees a mismatch, which ``latest_checkpoint`` skips for the pair before it.
         """
         if not self.is_s3:
             return

@@ -254,6 +254,7 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast:
             log.warning("world size changed from %d to %d: epoch %d restarts from its first step",
                         saved["world_size"], ctx.world_size, saved["epoch"] + 1)
             step = 0
+        _check_same_checkpoint(saved, ctx)
         state = _State(epoch=saved["epoch"], step=step, best=progress["best"],
                        best_epoch=progress["best_epoch"], history=list(progress["history"]),
                        resumed_from_epoch=saved["epoch"])
@@ -268,6 +269,15 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     return _Trainer(job, ctx, model, ddp_model, optimizer, scheduler, spec, state)
+
+
+def _check_same_checkpoint(saved: dict[str, Any], ctx: DistContext) -> None:
+    """Every rank must resume from the same checkpoint (on S3 each node reads its own copy)."""
+    seen = gather_strings(f"{saved['epoch']}:{saved['step']}", ctx)
+    if len(set(seen)) > 1:
+        raise RuntimeError(f"the ranks found different checkpoints (epoch:step per rank: {seen}); "
+                           "the shared folder changed while the nodes started. A retry reads it "
+                           "again")
 
 
 def _check_resumable(saved: dict[str, Any], cfg: GoogLeNetConfig) -> GoogLeNetConfig:
@@ -349,7 +359,8 @@ def _save(trainer: _Trainer, improved: bool) -> None:
         save_checkpoint(checkpoint, out_dir / "best.pt")
     rotate_and_save(checkpoint, out_dir)
     if trainer.job.shared_dir:  # S3: the next attempt may run on other hosts
-        SharedStore(trainer.job.shared_dir).push(out_dir)
+        changed = ["prev.pt", "prev.pt.sha256"] + (["best.pt", "best.pt.sha256"] if improved else [])
+        SharedStore(trainer.job.shared_dir).push(out_dir, [*changed, "last.pt", "last.pt.sha256"])
 
 
 def _report(job: WorkerJob, record: dict[str, float], ctx: DistContext) -> None:
