@@ -232,7 +232,9 @@ class LaunchConfig(_Config):
         "rendezvous id, e.g. 'vp-{rdzv_id}-0.visionpipe-ddp.visionpipe.svc:29400' for the "
         "Kubernetes headless service.",
     )
-    rdzv_id: str | None = Field(None, description="Empty: derived from the flow run and attempt.")
+    rdzv_id: str | None = Field(
+        None, description="Base of the rendezvous id (empty: the task run's id); the attempt "
+        "number is always appended, so a retry never meets the world it replaces.")
     rdzv_timeout_s: float = Field(
         300.0, gt=0, description="How long nodes wait for each other: the pre-flight wait for "
         "the endpoint and for node 0's token, and torchrun's rendezvous join timeout.")
