@@ -31,3 +31,5 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu() -> None:
     figures = _last_json(["bash", "bench/gpu.sh", "--smoke"])
     for model in ("resnet50", "googlenet"):
         assert figures[f"{model}_images_per_s"] > 0 and figures[f"{model}_plain_images_per_s"] > 0
+    assert figures["jpeg_stream_cpu_decode_images_per_s"] > 0
+    assert figures["jpeg_stream_device_decode_images_per_s"] > 0
