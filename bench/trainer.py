@@ -103,10 +103,10 @@ def head_cache_speedup(images: torch.Tensor, labels: torch.Tensor, batch: int, r
     model = build_resnet("resnet50", 10)
     set_trainable(model, ["fc"])
     device = torch.device("cpu")
-    data = _Data((images, labels), (images[:batch], labels[:batch]))
     timings = {}
     for cached in (False, True):
         cfg = FinetuneConfig(arch="resnet50", batch_size=batch, cache_frozen_features=cached)
+        data = _Data(cfg, device, {"train": (images, labels), "val": (images[:batch], labels[:batch])})
         batches = _phase_batches(model, cfg, data, device)  # the cache is built here, once
         optimizer = torch.optim.SGD(batches.train_model.parameters(), lr=1e-3)
         epochs = []

@@ -47,10 +47,10 @@ EpochCallback = Callable[[dict[str, Any]], None]
 class _Data:
     """The train and val splits: uint8 tensors in memory, or streamed from disk per batch."""
 
-    dataset: PreparedDataset
-    device: torch.device  # where the batches are delivered
     cfg: FinetuneConfig
+    device: torch.device  # where the batches are delivered
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    dataset: PreparedDataset | None = None  # streamed from its files when ``splits`` is empty
     streams: dict[tuple[str, int, bool, bool], StreamingLoader] = field(default_factory=dict)
 
     @property
@@ -58,7 +58,10 @@ class _Data:
         return not self.splits
 
     def count(self, split: str) -> int:
-        return len(self.splits[split][1]) if self.splits else self.dataset.split_counts[split]
+        if self.splits:
+            return len(self.splits[split][1])
+        assert self.dataset is not None
+        return self.dataset.split_counts[split]
 
     def loader(self, split: str, batch_size: int, *, shuffle: bool, augment: bool,
                seed: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -67,6 +70,7 @@ class _Data:
             return build_loader(*self.splits[split], batch_size=batch_size, shuffle=shuffle,
                                 augment=augment, seed=seed)
         key = (split, batch_size, shuffle, augment)
+        assert self.dataset is not None
         if key not in self.streams:  # one loader per kind: its workers persist across epochs
             fast = self.cfg.fast
             self.streams[key] = StreamingLoader(
@@ -179,10 +183,10 @@ def _load_data(dataset: PreparedDataset, cfg: FinetuneConfig, device: torch.devi
     if cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
         log.info("streaming %s from disk: %d training images", dataset.name,
                  dataset.split_counts["train"])
-        return _Data(dataset, device, cfg)
+        return _Data(cfg, device, dataset=dataset)
     where = device if fast.data_on_device else torch.device("cpu")
     splits = {split: load_split(dataset, split) for split in ("train", "val")}
-    return _Data(dataset, where, cfg, {k: (x.to(where), y.to(where)) for k, (x, y) in splits.items()})
+    return _Data(cfg, where, {k: (x.to(where), y.to(where)) for k, (x, y) in splits.items()})
 
 
 def _resume_state(run: _Run) -> dict[str, Any] | None:
