@@ -13,6 +13,8 @@ Against whatever ``PREFECT_API_URL`` and ``MLFLOW_TRACKING_URI`` point at.
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Any
 
 from prefect import Flow, serve
@@ -65,5 +67,14 @@ def deployments(source: str | None = None) -> list[RunnerDeployment]:
     ]
 
 
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="Serve the deployments (make serve).")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="most flow runs this process runs at once (e.g. one node run per host)")
+    args = parser.parse_args(argv)
+    serve(*deployments(), limit=args.limit)
+    return 0
+
+
 if __name__ == "__main__":
-    serve(*deployments())
+    sys.exit(main(sys.argv[1:]))

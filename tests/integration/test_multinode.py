@@ -51,6 +51,7 @@ def _config(epochs: int) -> dict[str, Any]:
 class Cluster:
     def __init__(self, home: Path, env: dict[str, str], api: str) -> None:
         self.home, self.env, self.api = home, env, api
+        self.serve: subprocess.Popen[bytes] | None = None
         self.die_once = home / "die-once"
         self.bug_once = home / "bug-once"
 
@@ -73,6 +74,17 @@ class Cluster:
         path.write_text(json.dumps(config))
         return subprocess.run([sys.executable, "-m", "flows.train_image_classifiers", str(path)],
                               cwd=REPO, env=self.env, capture_output=True, text=True, timeout=900)
+
+    def start_serving(self, *args: str) -> None:
+        """(Re)start ``python -m deployments.serve`` and wait until ddp-node is served."""
+        if self.serve is not None:
+            _stop(self.serve)
+        log = self.home / "serve.log"
+        self.serve = subprocess.Popen([sys.executable, "-m", "deployments.serve", *args], cwd=REPO,
+                                      env=self.env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        time.sleep(5)  # the new runner registers its deployments again
+        _wait_deployment(self, self.serve, log)
 
     def run_node(self, job: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
         """A flow run of the served ddp-node deployment, started through the API like the UI."""
@@ -114,25 +126,29 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterato
            "VISIONPIPE_INJECT_FAULT": f"die:1@{home / 'die-once'},bug:node1@{home / 'bug-once'}"}
     for once in ("die-once", "bug-once"):
         (home / once).write_text("disarmed\n")
-    serve = None
+    cluster = Cluster(home, env, api)
     try:
         _wait_http(f"{api}/health", server, home / "server.log")
-        serve = subprocess.Popen([sys.executable, "-m", "deployments.serve"], cwd=REPO, env=env,
-                                 stdout=(home / "serve.log").open("wb"), stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        cluster = Cluster(home, env, api)
-        _wait_deployment(cluster, serve, home / "serve.log")
+        cluster.start_serving()
         yield cluster
     finally:
-        for proc in (serve, server):
+        for proc in (cluster.serve, server):
             if proc is not None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                _stop(proc)
         leftover = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout
         assert not leftover.strip(), f"processes left behind: {leftover}"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=60)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
 
 
 def _boto_keys() -> dict[str, str]:
@@ -302,3 +318,23 @@ def test_preflight_names_a_gpu_shortage_and_an_unreachable_rendezvous(cluster: C
     assert run["state"]["type"] == "FAILED"
     assert f"rendezvous endpoint 127.0.0.1:{closed} did not answer within 3 s" in message, message
     assert time.monotonic() - started < 120
+
+
+def test_an_elastic_range_trains_with_the_nodes_that_joined(cluster: Cluster) -> None:
+    # This host runs one flow run at a time: node 1 cannot start while node 0 trains.
+    cluster.start_serving("--limit", "1")
+    config = _config(epochs=1)
+    config["googlenet"]["launch"]["nnodes"] = "1:2"
+    out = cluster.run_pipeline(config)
+    assert out.returncode == 0, out.stderr[-4000:]
+    parent = _pipeline_run(cluster)
+    nodes = {n["name"].rsplit("-", 1)[-1]: n for n in _node_runs_of(cluster, parent["id"])}
+    assert nodes["node0"]["state"]["type"] == "COMPLETED"
+    deadline = time.monotonic() + 60
+    while cluster.get(f"/flow_runs/{nodes['node1']['id']}")["state"]["type"] != "CANCELLED":
+        assert time.monotonic() < deadline, cluster.get(f"/flow_runs/{nodes['node1']['id']}")["state"]
+        time.sleep(1)
+    stage = cluster.home / "vp" / "runs" / parent["id"] / "scratch-googlenet"
+    (result_file,) = stage.glob("result-*.json")
+    result = json.loads(result_file.read_text())
+    assert result["world_size"] == 1 and result["nnodes"] == 1
