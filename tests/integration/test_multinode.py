@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -23,6 +22,8 @@ from typing import Any
 import boto3
 import httpx
 import pytest
+
+from tests.processes import stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ class Cluster:
     def start_serving(self, *args: str) -> None:
         """(Re)start ``python -m deployments.serve`` and wait until ddp-node is served."""
         if self.serve is not None:
-            _stop(self.serve)
+            stop_group(self.serve)
         log = self.home / "serve.log"
         self.serve = subprocess.Popen([sys.executable, "-m", "deployments.serve", *args], cwd=REPO,
                                       env=self.env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
@@ -134,21 +135,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterato
     finally:
         for proc in (cluster.serve, server):
             if proc is not None:
-                _stop(proc)
+                stop_group(proc)
         leftover = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout
         assert not leftover.strip(), f"processes left behind: {leftover}"
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=60)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
 
 
 def _boto_keys() -> dict[str, str]:

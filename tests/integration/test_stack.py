@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import boto3
 import pytest
+
+from tests.processes import stop_group
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -60,25 +61,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     try:
         yield env
     finally:
-        _stop(worker)
+        stop_group(worker)
         stopped = _python(["-m", "deployments.stack", "down"], base, timeout=120)
         assert stopped.returncode == 0 and "stopped 3 process group(s)" in stopped.stdout, stopped
         leftover = subprocess.run(["pgrep", "-f", f"{home}"], capture_output=True, text=True).stdout
         assert not leftover.strip(), f"processes left behind: {leftover}"
         _drop_databases(base["VISIONPIPE_STACK_DB"])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C, as a person stops a worker; then SIGTERM and SIGKILL if it lingers."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=30)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
 
 
 def _drop_databases(prefix: str) -> None:
