@@ -147,3 +147,33 @@ def test_a_failed_node_run_is_retried_only_when_a_retry_can_help(message: str, t
     error = _failure([run])
     assert error.transient is transient
     assert "node1" in str(error) and message in str(error)
+
+
+def _tail(lines: list[str]) -> object:
+    from visionpipe.training.launch import _Tail
+
+    tail = _Tail()
+    for line in lines:
+        tail.add(line)
+    return tail
+
+
+def test_a_rank_killed_by_a_signal_is_named_even_when_torchrun_observed_another_first() -> None:
+    from visionpipe.training.launch import _failure
+
+    killed = _tail([
+        "[default0]:RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:4242",
+        "[default1]:epoch 1 done",
+        "Failures:", "[1]:", "  time      : 2026-11-28_03:00:01", "  host      : h",
+        "  rank      : 1 (local_rank: 1)", "  exitcode  : -9 (pid: 12)",
+        "  error_file: <N/A>", "  traceback : Signal 9 (SIGKILL) received by PID 12",
+        "Root Cause (first observed failure):", "[0]:", "  time      : 2026-11-28_03:00:00",
+        "  host      : h", "  rank      : 0 (local_rank: 0)", "  exitcode  : 1 (pid: 11)",
+        "  traceback : RuntimeError: [gloo] Connection closed by peer"])
+    error = _failure(1, killed)  # type: ignore[arg-type]
+    assert error.rank == 1 and error.rank_exit_code == -9 and error.transient
+    assert "rank 1 ended with" in str(error) and error.exception is None
+    raised = _tail(["[default0]:ValueError: bad input", "Root Cause (first observed failure):",
+                    "[0]:", "  rank      : 0 (local_rank: 0)", "  exitcode  : 1 (pid: 11)"])
+    error = _failure(1, raised)  # type: ignore[arg-type]
+    assert error.rank == 0 and error.exception == "ValueError" and not error.transient

@@ -35,6 +35,9 @@ DETERMINISTIC_ERRORS = frozenset({
 })
 _EXCEPTION_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?(?:[\w.]+\.)?(\w+(?:Error|Exception))(?::|$)")
 _EXIT_CODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+# One failed rank of torchrun's summary: its global and local rank, and its exit code.
+_FAILURE_BLOCK = re.compile(
+    r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 
 
 class LaunchError(RuntimeError):
@@ -187,13 +190,21 @@ def _failure(code: int, tail: _Tail) -> LaunchError:
     match = _FAILED_RANK.search(root)
     rank = int(match.group(1)) if match else next(iter(sorted(tail.by_rank)), None)
     local = int(match.group(2)) if match else rank
-    lines = list(tail.by_rank.get(local, [])) if local is not None else []
     exit_match = _EXIT_CODE.search(root)
-    exceptions = [m.group(1) for line in lines + root.splitlines()
+    rank_exit = int(exit_match.group(1)) if exit_match else None
+    section = root.splitlines()
+    # A SIGKILLed rank (the out-of-memory killer, a lost host) is the cause: the others died of
+    # its broken connections, and torchrun may observe one of them first. (torchrun itself stops
+    # the survivors with SIGTERM, so only SIGKILL marks the culprit.)
+    killed = next((m for m in _FAILURE_BLOCK.finditer(summary)
+                   if int(m.group(3)) == -signal.SIGKILL), None)
+    if killed is not None:
+        rank, local, rank_exit = int(killed.group(1)), int(killed.group(2)), int(killed.group(3))
+        section = []
+    lines = list(tail.by_rank.get(local, [])) if local is not None else []
+    exceptions = [m.group(1) for line in lines + section
                   if (m := _EXCEPTION_LINE.match(line)) and m.group(1) != "ChildFailedError"]
     text = "\n".join(lines) or summary
     return LaunchError(f"DDP worker failed (torchrun exit code {code}); rank {rank} ended with:\n{text}",
-                       rank=rank, exit_code=code,
-                       rank_exit_code=int(exit_match.group(1)) if exit_match else None,
+                       rank=rank, exit_code=code, rank_exit_code=rank_exit,
                        exception=exceptions[-1] if exceptions else None)
-
