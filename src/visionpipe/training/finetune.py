@@ -76,7 +76,7 @@ class _Data:
             self.streams[key] = StreamingLoader(
                 self.dataset, split, batch_size, shuffle=shuffle, augment=augment, seed=0,
                 device=self.device, num_workers=fast.num_workers,
-                decode_on_device=fast.resolve(self.device.type).decode_on_device)
+                decode_on_device=fast.decode_on_device)
         stream = self.streams[key]
         stream.set_epoch(0, seed=seed)  # seeded like the in-memory path: the same batches
         return stream
