@@ -1,34 +1,65 @@
-"""Our trainer with its GPU fast path against the plain autocast loop, on synthetic data.
+"""Our trainer with its GPU fast path against the plain autocast loop, in one command.
 
-    bash bench/gpu.sh           # on one GPU: 224 x 224, batch 256, ResNet-50 (full) and GoogLeNet
-    bash bench/gpu.sh --smoke   # anywhere, CPU included: tiny sizes, checks that it all runs
+    bash bench/gpu.sh                     # one GPU: everything below, about 6 minutes
+    bash bench/gpu.sh --smoke             # anywhere, CPU included: tiny sizes, no compiling
+    bash bench/gpu.sh --out figures.json  # also writes every figure there as soon as measured
 
-The plain loop is torchvision's reference ``train_one_epoch`` with ``--amp`` (fp16 autocast and
-a GradScaler). Ours is ``visionpipe.training.loop.train_one_epoch`` with the resolved fast path
-(bf16 autocast, channels_last, cuDNN autotuning, fused optimizer; ``--compile`` adds
-torch.compile). Data is synthetic and resident on the device, so both measure the step alone.
-Prints images/s and peak memory per model and loop, then one JSON line.
+The plain loop is torchvision's reference ``train_one_epoch`` with ``--amp``: fp16 autocast and
+a GradScaler, SGD with momentum, cuDNN autotuning on (the reference's default), ``loss.item()``
+and top-1/top-5 accuracy read every step. Ours is ``visionpipe.training.loop.train_one_epoch``
+with the resolved fast path: bf16 autocast, channels_last, cuDNN autotuning, fused SGD, sums
+kept on the device until the epoch ends.
 
-The large-dataset path is measured too: a folder of synthetic JPEGs (500 x 375, as ImageNet's
-typical photo) streamed at 224 x 224 by DataLoader workers decoding on the CPU, against the
-same stream decoded on the GPU (``decode_on_device``, nvjpeg); loader alone, no model.
+Sections (each figure is written as soon as it is measured; a section that
+fails is recorded as ``<section>_error`` and the next one runs):
+
+1. ``synthetic``: ResNet-50 (full fine-tune) and GoogLeNet (from scratch, auxiliary losses) at
+   224 x 224, batch 256, on random batches resident on the GPU: the step alone.
+2. ``small``: the digits/CIFAR path at CIFAR-10's shape (32 x 32, 10 classes): the plain loop
+   reads a ``DataLoader`` with per-image crop, flip and normalisation in worker processes and
+   pinned memory (the usual CIFAR script); ours keeps the uint8 images on the GPU and crops,
+   flips and normalises batches there (``data_on_device``, what the pipeline does for digits).
+3. ``stream``: the large-dataset path, 4,096 synthetic 500 x 375 JPEGs streamed at 224 x 224
+   by DataLoader workers decoding on the CPU, against decoding on the GPU (nvjpeg); loader only.
+4. ``compile``: ``torch.compile`` of ours in the ``default`` mode (before ``stream``) and the
+   ``reduce-overhead`` mode (CUDA graphs, after it) on section 1's data: images/s, compile
+   seconds, and the number of images after which compiling has paid for itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from visionpipe.config import FastPathConfig, OptimConfig
 from visionpipe.models import build_googlenet, build_resnet
-from visionpipe.training.loop import apply_fast_path, build_optimizer, train_one_epoch
+from visionpipe.training.loop import apply_fast_path, build_optimizer, maybe_compile, train_one_epoch
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Figures:
+    """Every figure by name, rewritten to ``path`` (if any) after each one."""
+
+    def __init__(self, path: str | None) -> None:
+        self.values: dict[str, Any] = {}
+        self.path = Path(path) if path else None
+
+    def add(self, **values: Any) -> None:
+        self.values.update({k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()})
+        if self.path is not None:
+            self.path.write_text(json.dumps(self.values, indent=1) + "\n")
 
 
 def _sync(device: torch.device) -> None:
@@ -36,70 +67,204 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def plain_amp(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-              device: torch.device, aux_weight: float) -> Callable[[], int]:
-    """The reference loop with --amp: fp16 autocast and a GradScaler."""
+def _loss(output: Any, target: torch.Tensor, criterion: nn.Module, aux_weight: float) -> torch.Tensor:
+    if isinstance(output, tuple):  # GoogLeNet in training: the same auxiliary losses as ours
+        return criterion(output[0], target) + aux_weight * (
+            criterion(output[1], target) + criterion(output[2], target))
+    return criterion(output, target)
+
+
+def plain_amp(model: nn.Module, batches: Callable[[], Batches], device: torch.device,
+              aux_weight: float) -> Callable[[], int]:
+    """torchvision's references/classification ``train_one_epoch`` with ``--amp``."""
+    torch.backends.cudnn.benchmark = True  # the reference's default (not deterministic)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     criterion = nn.CrossEntropyLoss()
 
     def run() -> int:
         model.train()
-        for image, target in batches:
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        seen = 0
+        for image, target in batches():
+            image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
                 output = model(image)
-                if isinstance(output, tuple):  # GoogLeNet: the same auxiliary losses as ours
-                    loss = criterion(output[0], target) + aux_weight * (
-                        criterion(output[1], target) + criterion(output[2], target))
-                else:
-                    loss = criterion(output, target)
+                loss = _loss(output, target, criterion, aux_weight)
             optimizer.zero_grad()
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-        return sum(t.shape[0] for _, t in batches)
+            logits = output[0] if isinstance(output, tuple) else output
+            top5 = logits.topk(min(5, logits.shape[1]), 1).indices.eq(target[:, None])
+            acc1, acc5 = top5[:, 0].float().mean() * 100, top5.any(1).float().mean() * 100
+            loss.item(), acc1.item(), acc5.item()  # the reference's metric logger reads these
+            seen += target.shape[0]
+        return seen
 
     return run
 
 
-def ours(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-         compile_model: bool, aux_weight: float) -> Callable[[], int]:
-    fast = FastPathConfig(compile=compile_model).resolve(device.type)
+def ours(model: nn.Module, batches: Callable[[], Batches], device: torch.device, aux_weight: float,
+         fast_cfg: FastPathConfig | None = None) -> Callable[[], int]:
+    """Our step loop with the fast path that the pipeline resolves for this device."""
+    fast = (fast_cfg or FastPathConfig()).resolve(device.type)
     model = apply_fast_path(model, fast)
     optimizer = build_optimizer([{"params": list(model.parameters()), "lr": 0.01}],
                                 OptimConfig(), device)
-    train_model = torch.compile(model) if fast.compile else model
+    train_model = maybe_compile(model, fast)
     criterion = nn.CrossEntropyLoss()
 
     def run() -> int:
         model.train()
-        return train_one_epoch(train_model, batches, optimizer, None, criterion, device,
+        return train_one_epoch(train_model, batches(), optimizer, None, criterion, device,
                                aux_weight=aux_weight, fast=fast).count
 
     return run
 
 
-def images_per_s(run: Callable[[], int], device: torch.device, rounds: int) -> tuple[float, float]:
-    run()  # warm-up (and compilation)
+def measure(run: Callable[[], int], device: torch.device, rounds: int) -> dict[str, float]:
+    """Median images/s over ``rounds`` passes after a warm-up, peak memory, warm-up seconds."""
+    start = time.perf_counter()
+    run()  # warm-up: cuDNN autotuning, allocator, compilation
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rates = []
+    first = time.perf_counter() - start
+    rates, seconds = [], []
     for _ in range(rounds):
         start = time.perf_counter()
         count = run()
         _sync(device)
-        rates.append(count / (time.perf_counter() - start))
+        seconds.append(time.perf_counter() - start)
+        rates.append(count / seconds[-1])
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    return statistics.median(rates), peak
+    return {"rate": statistics.median(rates), "peak": peak, "first": first,
+            "pass": statistics.median(seconds)}
 
 
-def jpeg_stream_rates(count: int, size: int, batch: int, device: torch.device,
-                      workers: int) -> dict[str, float]:
+def isolated(build: Callable[[], Callable[[], int]], device: torch.device, rounds: int) -> dict[str, float]:
+    """``measure`` a loop built fresh, its peak memory counted from what was allocated before."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**30
+    result = measure(build(), device, rounds)
+    if device.type == "cuda":
+        result["peak"] -= before  # the step's own memory: model, optimizer state, activations
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+MODELS: dict[str, tuple[Callable[[int, bool], nn.Module], float]] = {
+    "resnet50": (lambda classes, small: build_resnet("resnet50", classes), 0.0),
+    "googlenet": (lambda classes, small: build_googlenet(classes, small_input_stem=small), 0.3),
+}
+
+
+def compare(figures: Figures, prefix: str, name: str, device: torch.device, rounds: int,
+            batches: Callable[[], Batches], plain_batches: Callable[[], Batches],
+            classes: int, small: bool) -> None:
+    build, aux = MODELS[name]
+    plain = isolated(lambda: plain_amp(build(classes, small).to(device), plain_batches, device, aux),
+                     device, rounds)
+    mine = isolated(lambda: ours(build(classes, small).to(device), batches, device, aux), device, rounds)
+    speedup = mine["rate"] / plain["rate"]
+    print(f"{prefix + name:<18} plain amp {plain['rate']:8.1f} img/s ({plain['peak']:5.1f} GiB)   "
+          f"ours {mine['rate']:8.1f} img/s ({mine['peak']:5.1f} GiB)   x{speedup:.2f}", flush=True)
+    figures.add(**{f"{prefix}{name}_plain_images_per_s": plain["rate"],
+                   f"{prefix}{name}_images_per_s": mine["rate"], f"{prefix}{name}_speedup": speedup,
+                   f"{prefix}{name}_plain_peak_gib": plain["peak"], f"{prefix}{name}_peak_gib": mine["peak"]})
+
+
+def synthetic_batches(device: torch.device, size: int, batch: int, steps: int
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [(torch.randn(batch, 3, size, size, generator=gen, device=device),
+             torch.randint(0, 1000, (batch,), generator=gen, device=device)) for _ in range(steps)]
+
+
+def section_synthetic(figures: Figures, device: torch.device, data: list[Any], rounds: int) -> None:
+    for name in MODELS:
+        compare(figures, "", name, device, rounds, lambda: data, lambda: data, 1000, small=False)
+
+
+def section_small(figures: Figures, device: torch.device, count: int, batch: int, rounds: int,
+                  workers: int) -> None:
+    """The digits/CIFAR path: GPU-resident uint8 images against a DataLoader with CPU transforms."""
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.transforms import v2
+
+    from visionpipe.data import build_loader
+    from visionpipe.data.images import MEAN, STD
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (count,), generator=gen)
+
+    class Cifar(Dataset[tuple[torch.Tensor, int]]):
+        transform = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
+                                v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+        def __len__(self) -> int:
+            return count
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return self.transform(images[i]), int(labels[i])
+
+    loader = DataLoader(Cifar(), batch_size=batch, shuffle=True, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    on_device = (images.to(device), labels.to(device))
+
+    def resident() -> Batches:
+        return build_loader(*on_device, batch, shuffle=True, augment=True, seed=0)
+
+    for name in MODELS:
+        compare(figures, "small_", name, device, rounds, resident, lambda: loader, 10, small=True)
+    del loader
+
+
+def section_compile(figures: Figures, device: torch.device, data: list[Any], rounds: int,
+                    modes: list[str], deadline: float) -> None:
+    for name, (build, aux) in MODELS.items():
+        eager = figures.values.get(f"{name}_images_per_s")
+        for mode in modes:
+            if time.perf_counter() > deadline:
+                print(f"compile {name} {mode}: skipped, out of time", flush=True)
+                continue
+            key = f"{name}_compile_{mode.replace('-', '_')}"
+            try:
+                cfg = FastPathConfig(compile=True, compile_mode=mode)  # type: ignore[arg-type]
+                torch._dynamo.reset()
+                r = isolated(lambda: ours(build(1000, False).to(device), lambda: data, device, aux, cfg),
+                             device, rounds)
+            except Exception as exc:  # one mode failing must not lose the other figures
+                figures.add(**{f"{key}_error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                print(f"compile {name} {mode}: {type(exc).__name__}: {exc}"[:500], flush=True)
+                continue
+            compile_s = max(r["first"] - r["pass"], 0.0)
+            values = {f"{key}_images_per_s": r["rate"], f"{key}_seconds": compile_s,
+                      f"{key}_peak_gib": r["peak"]}
+            line = (f"compile {name:<10} {mode:<16} {r['rate']:8.1f} img/s ({r['peak']:.1f} GiB), "
+                    f"compiling {compile_s:.0f} s")
+            if eager:
+                values[f"{key}_speedup_over_eager"] = r["rate"] / eager
+                saved = 1 / eager - 1 / r["rate"]  # seconds saved per image
+                if saved > 0:
+                    values[f"{key}_break_even_images"] = compile_s / saved
+                    line += f", x{r['rate'] / eager:.2f} over eager, pays after " \
+                            f"{compile_s / saved / 1e6:.2f} M images"
+                else:
+                    line += f", x{r['rate'] / eager:.2f} over eager: never pays"
+            figures.add(**values)
+            print(line, flush=True)
+
+
+def section_stream(figures: Figures, device: torch.device, count: int, size: int, batch: int,
+                   workers: int) -> None:
     """Images/s of the streaming loader over ``count`` synthetic JPEGs, CPU vs device decoding."""
-    import os
     import tempfile
-    from pathlib import Path
 
     import numpy as np
     from PIL import Image
@@ -110,16 +275,20 @@ def jpeg_stream_rates(count: int, size: int, batch: int, device: torch.device,
         from visionpipe.data import prepare_dataset
         from visionpipe.data.streaming import StreamingLoader
 
+        start = time.perf_counter()
         rng = np.random.default_rng(0)
         base = rng.integers(0, 256, (375 // 8, 500 // 8, 3), dtype=np.uint8)
-        for i in range(count):  # smooth photos-like content compresses like photos do
-            image = Image.fromarray(np.roll(base, i, axis=1)).resize((500, 375))
+        for i in range(count):  # smooth, photo-like content compresses as photos do
+            small = np.roll(base, i, axis=1)
+            small[0, 0] = (i % 256, i // 256 % 256, 0)  # every image unique: no duplicates
+            image = Image.fromarray(small).resize((500, 375))
             folder = Path(tmp) / "images" / f"class{i % 4}"
             folder.mkdir(parents=True, exist_ok=True)
             image.save(folder / f"{i}.jpg", quality=90)
         dataset = prepare_dataset(DataConfig(source=str(Path(tmp) / "images"), image_size=size,
                                              min_per_class=3, val_fraction=0.05, test_fraction=0.05))
-        rates = {}
+        print(f"stream: {count} JPEGs written and prepared in {time.perf_counter() - start:.0f} s",
+              flush=True)
         for name, on_device in (("cpu_decode", False), ("device_decode", True)):
             stream = StreamingLoader(dataset, "train", batch, shuffle=True, augment=False, seed=0,
                                      device=device, num_workers=workers, decode_on_device=on_device)
@@ -127,41 +296,53 @@ def jpeg_stream_rates(count: int, size: int, batch: int, device: torch.device,
             def one_pass(stream: StreamingLoader = stream) -> int:
                 return sum(len(y) for _, y in stream)
 
-            rates[f"jpeg_stream_{name}_images_per_s"] = images_per_s(one_pass, device, 2)[0]
-        return rates
+            rate = measure(one_pass, device, 2)["rate"]
+            print(f"stream {name:<14} {rate:8.1f} img/s ({workers} workers)", flush=True)
+            figures.add(**{f"jpeg_stream_{name}_images_per_s": rate})
+            del stream
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, no compiling")
+    parser.add_argument("--out", help="also write the figures to this JSON file as they come")
+    parser.add_argument("--budget-s", type=float, default=400,
+                        help="skip the compile modes that would start after this many seconds")
+    parser.add_argument("--sections", default="synthetic,small,stream,compile")
     args = parser.parse_args()
+    started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size, batch, steps, rounds = (32, 8, 2, 2) if args.smoke else (224, 256, 20, 3)
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-          f"{size}x{size}, batch {batch}, {steps} steps x {rounds} rounds", flush=True)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    batches = [(torch.randn(batch, 3, size, size, generator=gen).to(device),
-                torch.randint(0, 1000, (batch,), generator=gen).to(device)) for _ in range(steps)]
-    figures: dict[str, float] = {}
-    builders = {"resnet50": lambda: build_resnet("resnet50", 1000),
-                "googlenet": lambda: build_googlenet(1000, small_input_stem=False)}
-    for name, build in builders.items():
-        aux = 0.3 if name == "googlenet" else 0.0
-        plain_rate, plain_peak = images_per_s(plain_amp(build().to(device), batches, device, aux), device, rounds)
-        our_rate, our_peak = images_per_s(ours(build().to(device), batches, device, args.compile, aux),
-                                          device, rounds)
-        print(f"{name:<10} plain amp {plain_rate:8.1f} img/s ({plain_peak:.1f} GiB)   ours "
-              f"{our_rate:8.1f} img/s ({our_peak:.1f} GiB)   x{our_rate / plain_rate:.2f}", flush=True)
-        figures.update({f"{name}_plain_images_per_s": plain_rate, f"{name}_images_per_s": our_rate,
-                        f"{name}_speedup": our_rate / plain_rate, f"{name}_peak_gib": our_peak})
-    count, jpeg_batch = (48, 8) if args.smoke else (4096, 256)
-    stream_rates = jpeg_stream_rates(count, size, jpeg_batch, device,
-                                     workers=1 if args.smoke else 12)
-    for name, rate in stream_rates.items():
-        print(f"{name:<40} {rate:8.1f} img/s", flush=True)
-    figures.update(stream_rates)
-    print(json.dumps({k: round(v, 3) for k, v in figures.items()}))
+    smoke = args.smoke
+    size, batch, steps, rounds = (32, 8, 2, 2) if smoke else (224, 256, 20, 3)
+    workers = 1 if smoke else min(12, max((os.cpu_count() or 2) - 2, 1))
+    figures = Figures(args.out)
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    figures.add(device=card, torch=torch.__version__, batch=batch, image_size=size)
+    print(f"device {card}, torch {torch.__version__}, {size}x{size}, batch {batch}, "
+          f"{steps} steps x {rounds} rounds, {workers} loader workers", flush=True)
+    sections = args.sections.split(",")
+    data = synthetic_batches(device, size, batch, steps)
+    plan: list[tuple[str, Callable[[], None]]] = [
+        ("synthetic", lambda: section_synthetic(figures, device, data, rounds)),
+        ("small", lambda: section_small(figures, device, 64 if smoke else 16_384, 16 if smoke else 256,
+                                        rounds, workers)),
+        ("compile", lambda: section_compile(figures, device, data, rounds, ["default"],
+                                            started + args.budget_s)),
+        ("stream", lambda: section_stream(figures, device, 48 if smoke else 4096, size,
+                                          8 if smoke else 256, workers)),
+        ("compile", lambda: section_compile(figures, device, data, rounds, ["reduce-overhead"],
+                                            started + args.budget_s)),
+    ]
+    for name, run in plan:
+        if name not in sections or (name == "compile" and smoke):
+            continue
+        try:
+            run()
+        except Exception as exc:  # record it and go on: the other sections' figures still count
+            print(f"section {name} failed: {type(exc).__name__}: {exc}", flush=True)
+            figures.add(**{f"{name}_error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+    figures.add(seconds=time.perf_counter() - started)
+    print(json.dumps(figures.values))
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Arch = Literal["resnet18", "resnet34", "resnet50"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 
 class _Config(BaseModel):
@@ -124,6 +125,7 @@ class FastPath(BaseModel):
     compile: bool
     static_graph: bool
     decode_on_device: bool = False
+    compile_mode: CompileMode = "default"
 
 
 class FastPathConfig(_Config):
@@ -139,6 +141,10 @@ class FastPathConfig(_Config):
         False, description="torch.compile the model: about a minute of compiling on the first "
         "steps, worth it for runs of tens of minutes, not for a short CPU run.",
     )
+    compile_mode: CompileMode = Field(
+        "default", description="torch.compile's mode: 'reduce-overhead' adds CUDA graphs (for "
+        "models whose steps are too short for the host to keep the GPU busy); "
+        "'max-autotune-no-cudagraphs' searches kernels for minutes longer.")
     static_graph: bool | None = Field(
         None, description="DDP static_graph: valid because every step uses the same parameters."
     )
@@ -172,7 +178,7 @@ class FastPathConfig(_Config):
                         cudnn_benchmark=gpu and pick(self.cudnn_benchmark),
                         data_on_device=gpu and pick(self.data_on_device), compile=self.compile,
                         static_graph=pick(self.static_graph),
-                        decode_on_device=self.decode_on_device)
+                        decode_on_device=self.decode_on_device, compile_mode=self.compile_mode)
 
 
 class FinetuneConfig(_Config):

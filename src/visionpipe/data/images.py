@@ -7,6 +7,7 @@ training images did.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from typing import BinaryIO
@@ -81,6 +82,13 @@ def to_uint8_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
 
 def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 images (``N x 3 x S x S`` or ``3 x S x S``) to float32 normalised with MEAN and STD."""
-    mean = torch.tensor(MEAN, dtype=torch.float32, device=batch_uint8.device).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32, device=batch_uint8.device).view(3, 1, 1)
+    mean, std = _mean_std(batch_uint8.device)
     return (batch_uint8.to(torch.float32) / 255.0 - mean) / std
+
+
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: ``torch.tensor(..., device="cuda")`` copies from the host and waits
+    # for the GPU to finish all it was given, which would stall every training step.
+    return (torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1).to(device),
+            torch.tensor(STD, dtype=torch.float32).view(3, 1, 1).to(device))

@@ -107,7 +107,9 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
 def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the images left to right."""
     flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+    # non_blocking: a blocking copy to the GPU would wait for every step queued before it.
+    flip = flip.view(-1, 1, 1, 1).to(images.device, non_blocking=True)
+    return torch.where(flip, images.flip(-1), images)
 
 
 class BatchIterator:
@@ -140,7 +142,7 @@ class BatchIterator:
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._order().to(self.images.device)
+        order = self._order().to(self.images.device, non_blocking=True)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             yield self.transform.batch(self.images[index], self.labels[index])

@@ -33,6 +33,7 @@ from visionpipe.training.loop import (
     apply_fast_path,
     build_optimizer,
     evaluate,
+    maybe_compile,
     pick_device,
     train_one_epoch,
     warmup_cosine,
@@ -231,7 +232,7 @@ def _run_phase(run: _Run, index: int, phase: Phase, resume: dict[str, Any] | Non
         first = resume["phase_epoch"] + 1
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     batches = _phase_batches(model, cfg, run.data, run.device)
-    train_model = torch.compile(batches.train_model) if run.fast.compile else batches.train_model
+    train_model = maybe_compile(batches.train_model, run.fast)
     for phase_epoch in range(first, phase.epochs + 1):
         # Seeded per epoch, so a resumed run draws the same numbers as an uninterrupted one.
         torch.manual_seed(cfg.seed * 100_003 + progress.epoch + 1)

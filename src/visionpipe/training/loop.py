@@ -89,6 +89,10 @@ def train_one_epoch(
     stats = EpochStats()
     start = time.perf_counter()
     total = len(batches) if isinstance(batches, Sized) else None
+    # Sums stay on the device until the epoch ends: reading them every step (``loss.item()``)
+    # would make the host wait for each step and leave the GPU idle while it queues the next.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     optimizer.zero_grad(set_to_none=True)
     for step, (images, labels) in enumerate(batches):
         if step < skip:
@@ -108,13 +112,14 @@ def train_one_epoch(
                 scheduler.step()
         # Weighted by the batch's own size, so a short last batch counts for what it is.
         n = labels.shape[0]
-        stats.loss_sum += loss.item() * n
-        stats.correct += int((logits.argmax(1) == labels).sum())
+        loss_sum += loss.detach().double() * n
+        correct += (logits.detach().argmax(1) == labels).sum()
         stats.count += n
         stats.steps += 1
         if boundary and should_stop is not None and should_stop():
             stats.stopped = True
             break
+    stats.loss_sum, stats.correct = loss_sum.item(), int(correct.item())
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -141,6 +146,13 @@ def apply_fast_path(model: nn.Module, fast: FastPath) -> nn.Module:
     return model
 
 
+def maybe_compile(model: nn.Module, fast: FastPath) -> nn.Module:
+    """``torch.compile`` with the configured mode when the fast path asks for it."""
+    if not fast.compile:
+        return model
+    return torch.compile(model, mode=fast.compile_mode)  # type: ignore[return-value]
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
@@ -152,9 +164,12 @@ def predict_logits(
     for images, labels in batches:
         images, _ = _to_device(images, labels, device, fast)
         with _autocast(device, fast):
-            outs.append(model(images).float().cpu())
-        targets.append(labels.cpu())
-    return torch.cat(outs), torch.cat(targets)
+            outs.append(model(images).float())
+        targets.append(labels)
+    if not outs:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
+    # One copy to the host at the end: a copy per batch would wait for each batch in turn.
+    return torch.cat(outs).cpu(), torch.cat([t.cpu() for t in targets])
 
 
 def evaluate(

@@ -48,6 +48,7 @@ from visionpipe.training.loop import (
     apply_fast_path,
     build_optimizer,
     evaluate,
+    maybe_compile,
     train_one_epoch,
     warmup_cosine,
 )
@@ -92,12 +93,18 @@ def build_train_loader(images: torch.Tensor, labels: torch.Tensor, cfg: GoogLeNe
 
 
 class StopSignal:
-    """SIGTERM (preemption) asks to stop; all ranks agree on it after every step."""
+    """SIGTERM (preemption) asks to stop; all ranks agree on it after every step.
+
+    Under DDP the agreement lags one step: each step starts an asynchronous all-reduce of the
+    flag and reads the one the step before started, which has finished by then. Reading this
+    step's flag at once would make the host wait for the whole step before it queues the next.
+    """
 
     def __init__(self, ctx: DistContext) -> None:
         self.ctx = ctx
         self.requested = False
         self._previous: Any = None
+        self._pending: tuple[Any, torch.Tensor] | None = None
 
     def __enter__(self) -> StopSignal:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -113,8 +120,12 @@ class StopSignal:
         if not self.ctx.distributed:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=self.ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank preempted stops them all
-        return bool(flag.item() > 0)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)  # one stops them all
+        previous, self._pending = self._pending, (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item() > 0)
 
 
 class Preempted(Exception):
@@ -305,7 +316,7 @@ def _wrap(model: nn.Module, cfg: GoogLeNetConfig, ctx: DistContext,
         # Every step uses every parameter (the auxiliary heads too), so the graph is static.
         wrapped = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
                                           static_graph=fast.static_graph)
-    return (torch.compile(wrapped) if fast.compile else wrapped), model
+    return maybe_compile(wrapped, fast), model
 
 
 def _end_epoch(trainer: _Trainer, epoch: int, train: EpochStats, val_top1: float,
