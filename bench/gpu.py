@@ -15,13 +15,15 @@ fails is recorded as ``<section>_error`` and the next one runs):
 
 1. ``synthetic``: ResNet-50 (full fine-tune) and GoogLeNet (from scratch, auxiliary losses) at
    224 x 224, batch 256, on random batches resident on the GPU: the step alone.
-2. ``small``: the digits/CIFAR path at CIFAR-10's shape (32 x 32, 10 classes): the plain loop
+2. ``pipeline``: the library's fine-tune on the bundled digits as ``make run`` trains it (random
+   init, 4 epochs of ResNet-50): seconds and validation top-1, to show the fast path learns.
+3. ``small``: the digits/CIFAR path at CIFAR-10's shape (32 x 32, 10 classes): the plain loop
    reads a ``DataLoader`` with per-image crop, flip and normalisation in worker processes and
    pinned memory (the usual CIFAR script); ours keeps the uint8 images on the GPU and crops,
    flips and normalises batches there (``data_on_device``, what the pipeline does for digits).
-3. ``stream``: the large-dataset path, 4,096 synthetic 500 x 375 JPEGs streamed at 224 x 224
+4. ``stream``: the large-dataset path, 4,096 synthetic 500 x 375 JPEGs streamed at 224 x 224
    by DataLoader workers decoding on the CPU, against decoding on the GPU (nvjpeg); loader only.
-4. ``compile``: ``torch.compile`` of ours in the ``default`` mode (before ``stream``) and the
+5. ``compile``: ``torch.compile`` of ours in the ``default`` mode (before ``stream``) and the
    ``reduce-overhead`` mode (CUDA graphs, after it) on section 1's data: images/s, compile
    seconds, and the number of images after which compiling has paid for itself.
 """
@@ -261,6 +263,30 @@ def section_compile(figures: Figures, device: torch.device, data: list[Any], rou
             print(line, flush=True)
 
 
+def section_pipeline(figures: Figures, device: torch.device, smoke: bool) -> None:
+    """The library's own fine-tune on the bundled digits, as ``make run`` trains it (random init)."""
+    import tempfile
+
+    from visionpipe.config import DataConfig, FinetuneConfig
+    from visionpipe.data import prepare_dataset
+    from visionpipe.training.finetune import finetune
+    from visionpipe.weights import _random_init
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["VISIONPIPE_HOME"] = tmp
+        dataset = prepare_dataset(DataConfig(max_per_class=8 if smoke else None))
+        cfg = FinetuneConfig(batch_size=16 if smoke else 64)
+        (Path(tmp) / "weights").mkdir()
+        weights = _random_init(cfg.arch, Path(tmp) / "weights", reason="offline benchmark")
+        start = time.perf_counter()
+        result = finetune(cfg, dataset, Path(weights.path), Path(tmp) / "out", random_init=True,
+                          weights_sha256=weights.sha256)
+        seconds = time.perf_counter() - start
+    print(f"pipeline: digits fine-tune (random init, {result.epochs_run} epochs) in {seconds:.1f} s, "
+          f"best val top-1 {result.best_val_top1:.3f}", flush=True)
+    figures.add(digits_finetune_seconds=seconds, digits_finetune_val_top1=result.best_val_top1)
+
+
 def section_stream(figures: Figures, device: torch.device, count: int, size: int, batch: int,
                    workers: int) -> None:
     """Images/s of the streaming loader over ``count`` synthetic JPEGs, CPU vs device decoding."""
@@ -308,7 +334,7 @@ def main() -> int:
     parser.add_argument("--out", help="also write the figures to this JSON file as they come")
     parser.add_argument("--budget-s", type=float, default=400,
                         help="skip the compile modes that would start after this many seconds")
-    parser.add_argument("--sections", default="synthetic,small,stream,compile")
+    parser.add_argument("--sections", default="synthetic,pipeline,small,compile,stream")
     args = parser.parse_args()
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -324,6 +350,7 @@ def main() -> int:
     data = synthetic_batches(device, size, batch, steps)
     plan: list[tuple[str, Callable[[], None]]] = [
         ("synthetic", lambda: section_synthetic(figures, device, data, rounds)),
+        ("pipeline", lambda: section_pipeline(figures, device, smoke)),
         ("small", lambda: section_small(figures, device, 64 if smoke else 16_384, 16 if smoke else 256,
                                         rounds, workers)),
         ("compile", lambda: section_compile(figures, device, data, rounds, ["default"],

@@ -32,6 +32,7 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
     figures = _last_json(["bash", "bench/gpu.sh", "--smoke", "--out", str(out)])
     assert not [k for k in figures if k.endswith("_error")], figures
     assert json.loads(out.read_text()) == figures  # the file a timed-out device call leaves
+    assert figures["digits_finetune_seconds"] > 0
     for model in ("resnet50", "googlenet", "small_resnet50", "small_googlenet"):
         assert figures[f"{model}_images_per_s"] > 0 and figures[f"{model}_plain_images_per_s"] > 0
     assert figures["jpeg_stream_cpu_decode_images_per_s"] > 0
