@@ -193,7 +193,7 @@ def section_synthetic(figures: Figures, device: torch.device, data: list[Any], r
 
 
 def section_small(figures: Figures, device: torch.device, count: int, batch: int, rounds: int,
-                  workers: int) -> None:
+                  workers: int, compile_modes: list[str], deadline: float) -> None:
     """The digits/CIFAR path: GPU-resident uint8 images against a DataLoader with CPU transforms."""
     from torch.utils.data import DataLoader, Dataset
     from torchvision.transforms import v2
@@ -225,11 +225,28 @@ def section_small(figures: Figures, device: torch.device, count: int, batch: int
     for name in MODELS:
         compare(figures, "small_", name, device, rounds, resident, lambda: loader, 10, small=True)
     del loader
+    for mode in compile_modes:  # small steps leave the host as the limit: CUDA graphs lift it
+        for name, (build, aux) in MODELS.items():
+            if time.perf_counter() > deadline:
+                print(f"small compile {name} {mode}: skipped, out of time", flush=True)
+                continue
+            cfg = FastPathConfig(compile=True, compile_mode=mode)  # type: ignore[arg-type]
+            torch._dynamo.reset()
+            r = isolated(lambda: ours(build(10, True).to(device), resident, device, aux, cfg),
+                         device, rounds)
+            key, plain = f"small_{name}_compile_{mode.replace('-', '_')}", \
+                figures.values[f"small_{name}_plain_images_per_s"]
+            compile_s = max(r["first"] - r["pass"], 0.0)
+            print(f"small compile {name:<10} {mode:<16} {r['rate']:8.1f} img/s, compiling "
+                  f"{compile_s:.0f} s, x{r['rate'] / plain:.2f} over plain amp", flush=True)
+            figures.add(**{f"{key}_images_per_s": r["rate"], f"{key}_seconds": compile_s,
+                           f"{key}_speedup": r["rate"] / plain})
 
 
 def section_compile(figures: Figures, device: torch.device, data: list[Any], rounds: int,
-                    modes: list[str], deadline: float) -> None:
-    for name, (build, aux) in MODELS.items():
+                    modes: list[str], models: list[str], deadline: float) -> None:
+    for name in models:
+        build, aux = MODELS[name]
         eager = figures.values.get(f"{name}_images_per_s")
         for mode in modes:
             if time.perf_counter() > deadline:
@@ -335,6 +352,11 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=400,
                         help="skip the compile modes that would start after this many seconds")
     parser.add_argument("--sections", default="synthetic,pipeline,small,compile,stream")
+    parser.add_argument("--compile-modes", default="default,reduce-overhead",
+                        help="the first before the stream section, the rest after it")
+    parser.add_argument("--compile-models", default="resnet50,googlenet")
+    parser.add_argument("--small-compile-modes", default="reduce-overhead",
+                        help="compile modes also measured on the small (digits/CIFAR) path")
     args = parser.parse_args()
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -347,17 +369,20 @@ def main() -> int:
     print(f"device {card}, torch {torch.__version__}, {size}x{size}, batch {batch}, "
           f"{steps} steps x {rounds} rounds, {workers} loader workers", flush=True)
     sections = args.sections.split(",")
+    modes = [m for m in args.compile_modes.split(",") if m]
+    models = [m for m in args.compile_models.split(",") if m]
+    small_modes = [] if smoke else [m for m in args.small_compile_modes.split(",") if m]
     data = synthetic_batches(device, size, batch, steps)
     plan: list[tuple[str, Callable[[], None]]] = [
         ("synthetic", lambda: section_synthetic(figures, device, data, rounds)),
         ("pipeline", lambda: section_pipeline(figures, device, smoke)),
         ("small", lambda: section_small(figures, device, 64 if smoke else 16_384, 16 if smoke else 256,
-                                        rounds, workers)),
-        ("compile", lambda: section_compile(figures, device, data, rounds, ["default"],
+                                        rounds, workers, small_modes, started + args.budget_s)),
+        ("compile", lambda: section_compile(figures, device, data, rounds, modes[:1], models,
                                             started + args.budget_s)),
         ("stream", lambda: section_stream(figures, device, 48 if smoke else 4096, size,
                                           8 if smoke else 256, workers)),
-        ("compile", lambda: section_compile(figures, device, data, rounds, ["reduce-overhead"],
+        ("compile", lambda: section_compile(figures, device, data, rounds, modes[1:], models,
                                             started + args.budget_s)),
     ]
     for name, run in plan:
