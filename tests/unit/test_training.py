@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from visionpipe.config import DataConfig, FinetuneConfig, Phase
 from visionpipe.data import PreparedDataset, prepare_dataset
@@ -194,3 +195,48 @@ def test_random_weights_with_only_frozen_phases_are_refused(tiny_digits: Prepare
                          phases=[Phase(name="head", trainable=["fc"], epochs=1, lr=0.05)])
     with pytest.raises(ValueError, match="no phase trained"):
         finetune(cfg, tiny_digits, _random_weights(tmp_path), tmp_path / "out", random_init=True)
+
+
+def test_an_empty_compile_switch_compiles_only_long_gpu_fine_tunes() -> None:
+    from visionpipe.config import FastPathConfig
+
+    auto = FastPathConfig()
+    assert auto.resolve("cuda", planned_images=auto.compile_min_images).compile
+    assert not auto.resolve("cuda", planned_images=auto.compile_min_images - 1).compile
+    assert not auto.resolve("cuda").compile  # GoogLeNet's worker passes no run length
+    assert not auto.resolve("cpu", planned_images=10**9).compile
+    assert not FastPathConfig(compile=False).resolve("cuda", planned_images=10**9).compile
+    assert FastPathConfig(compile=True).resolve("cpu").compile
+
+
+def test_a_compiled_step_runs_the_short_last_batch_eagerly() -> None:
+    from visionpipe.config import FastPathConfig
+    from visionpipe.training.loop import FullBatchCompiled, maybe_compile
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 10))
+    wrapped = maybe_compile(net, FastPathConfig(compile=True).resolve("cpu"), batch_size=8)
+    assert isinstance(wrapped, FullBatchCompiled)
+    full, short = torch.randn(8, 3, 12, 12), torch.randn(3, 3, 12, 12)
+    assert torch.allclose(wrapped(full), net(full), atol=1e-5)
+    assert wrapped.eager_calls == 0
+    out = wrapped(short)
+    assert out.shape == (3, 10) and wrapped.eager_calls == 1
+    assert torch.equal(out, net(short))
+    out.sum().backward()  # gradients reach the one set of parameters both paths share
+    assert all(p.grad is not None for p in net.parameters())
+    assert {id(p) for p in wrapped.parameters()} == {id(p) for p in net.parameters()}
+
+
+def test_a_compiled_fine_tune_trains_with_a_short_last_batch(tiny_digits: PreparedDataset,
+                                                             tmp_path: Path) -> None:
+    from visionpipe.config import FastPathConfig
+
+    train = tiny_digits.split_counts["train"]
+    batch = 16 if train % 16 else 15
+    assert train % batch  # the last batch is short
+    cfg = FinetuneConfig(arch="resnet18", batch_size=batch, fast=FastPathConfig(compile=True),
+                         phases=[Phase(name="full", trainable=["*"], epochs=1, lr=0.01)])
+    result = finetune(cfg, tiny_digits, _random_weights(tmp_path), tmp_path / "out")
+    assert result.epochs_run == 1 and math.isfinite(result.history[0]["train_loss"])

@@ -139,7 +139,8 @@ def finetune(
     """
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    fast = cfg.fast.resolve(device.type)
+    planned = dataset.split_counts["train"] * sum(phase.epochs for phase in cfg.phases)
+    fast = cfg.fast.resolve(device.type, planned_images=planned)
     data = _load_data(dataset, cfg, device, fast)
     check_batch_size(cfg.batch_size, data.count("train"))
     model = build_resnet(cfg.arch, dataset.num_classes)
@@ -232,7 +233,7 @@ def _run_phase(run: _Run, index: int, phase: Phase, resume: dict[str, Any] | Non
         first = resume["phase_epoch"] + 1
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     batches = _phase_batches(model, cfg, run.data, run.device)
-    train_model = maybe_compile(batches.train_model, run.fast)
+    train_model = maybe_compile(batches.train_model, run.fast, cfg.batch_size)
     for phase_epoch in range(first, phase.epochs + 1):
         # Seeded per epoch, so a resumed run draws the same numbers as an uninterrupted one.
         torch.manual_seed(cfg.seed * 100_003 + progress.epoch + 1)

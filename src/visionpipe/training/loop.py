@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,11 +147,34 @@ def apply_fast_path(model: nn.Module, fast: FastPath) -> nn.Module:
     return model
 
 
-def maybe_compile(model: nn.Module, fast: FastPath) -> nn.Module:
-    """``torch.compile`` with the configured mode when the fast path asks for it."""
+def maybe_compile(model: nn.Module, fast: FastPath, batch_size: int | None = None) -> nn.Module:
+    """``torch.compile`` with the configured mode when the fast path asks for it.
+
+    With ``batch_size``, only batches of that size run compiled: the epoch's short last batch
+    runs eagerly instead of paying for a second compilation (or a dynamic-shape one).
+    """
     if not fast.compile:
         return model
+    if batch_size is not None:
+        return FullBatchCompiled(model, fast.compile_mode, batch_size)
     return torch.compile(model, mode=fast.compile_mode)  # type: ignore[return-value]
+
+
+class FullBatchCompiled(nn.Module):
+    """``model`` compiled for ``batch_size``; any other batch size calls it eagerly."""
+
+    def __init__(self, model: nn.Module, mode: str, batch_size: int) -> None:
+        super().__init__()
+        self.eager = model
+        self.compiled = torch.compile(model, mode=mode)
+        self.batch_size = batch_size
+        self.eager_calls = 0
+
+    def forward(self, images: torch.Tensor) -> Any:
+        if images.shape[0] == self.batch_size:
+            return self.compiled(images)
+        self.eager_calls += 1
+        return self.eager(images)
 
 
 @torch.inference_mode()

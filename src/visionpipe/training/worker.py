@@ -162,6 +162,8 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     cfg, dataset = job.config, job.dataset
     faults.inject("raise", ctx.rank)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    # An empty fast.compile stays off here: GoogLeNet's compile pays only after about 8 million
+    # images per process, and compiling under DDP was not measured (docs/benchmarks.md).
     fast = cfg.fast.resolve(ctx.device.type)
     check_batch_size(cfg.batch_size, dataset.split_counts["train"] // ctx.world_size)
     epoch_batches, val_loader = _batches(dataset, cfg, ctx, fast)
