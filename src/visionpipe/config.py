@@ -147,9 +147,10 @@ class FastPathConfig(_Config):
         1_000_000, ge=0, description="The fine-tune's run length from which an empty 'compile' "
         "compiles. Measured break-even for ResNet-50 on an H200: 0.5 to 0.74 million images "
         "(docs/benchmarks.md).")
-    compile_mode: CompileMode = Field(
-        "default", description="torch.compile's mode: 'reduce-overhead' adds CUDA graphs (for "
-        "models whose steps are too short for the host to keep the GPU busy); "
+    compile_mode: CompileMode | None = Field(
+        None, description="torch.compile's mode. Empty: 'reduce-overhead' (CUDA graphs) for "
+        "the single-process fine-tune, where it measured fastest (4x on 32 x 32 images, whose "
+        "steps are too short for the host to keep the GPU busy); 'default' under DDP. "
         "'max-autotune-no-cudagraphs' searches kernels for minutes longer.")
     static_graph: bool | None = Field(
         None, description="DDP static_graph: valid because every step uses the same parameters."
@@ -174,12 +175,14 @@ class FastPathConfig(_Config):
             return self.streaming
         return train_bytes > self.memory_limit_gb * 2**30
 
-    def resolve(self, device_type: str, planned_images: int = 0) -> FastPath:
-        """The switches for ``device_type``; ``planned_images`` is this process's share of the
-        images the stage will train on, which decides an empty ``compile``."""
+    def resolve(self, device_type: str, planned_images: int = 0,
+                distributed: bool = False) -> FastPath:
+        """The switches for ``device_type``; ``planned_images`` (the images the stage will
+        train on) decides an empty ``compile``, ``distributed`` an empty ``compile_mode``."""
         gpu = device_type == "cuda"
         compile_ = (gpu and planned_images >= self.compile_min_images) if self.compile is None \
             else self.compile
+        mode: CompileMode = "reduce-overhead" if gpu and not distributed else "default"
 
         def pick(value: bool | None) -> bool:
             return gpu if value is None else value
@@ -188,7 +191,7 @@ class FastPathConfig(_Config):
                         cudnn_benchmark=gpu and pick(self.cudnn_benchmark),
                         data_on_device=gpu and pick(self.data_on_device), compile=compile_,
                         static_graph=pick(self.static_graph),
-                        decode_on_device=self.decode_on_device, compile_mode=self.compile_mode)
+                        decode_on_device=self.decode_on_device, compile_mode=self.compile_mode or mode)
 
 
 class FinetuneConfig(_Config):

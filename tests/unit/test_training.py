@@ -207,6 +207,10 @@ def test_an_empty_compile_switch_compiles_only_long_gpu_fine_tunes() -> None:
     assert not auto.resolve("cpu", planned_images=10**9).compile
     assert not FastPathConfig(compile=False).resolve("cuda", planned_images=10**9).compile
     assert FastPathConfig(compile=True).resolve("cpu").compile
+    assert auto.resolve("cuda").compile_mode == "reduce-overhead"  # CUDA graphs: measured fastest
+    assert auto.resolve("cuda", distributed=True).compile_mode == "default"
+    assert auto.resolve("cpu").compile_mode == "default"  # no CUDA graphs without CUDA
+    assert FastPathConfig(compile_mode="default").resolve("cuda").compile_mode == "default"
 
 
 def test_a_compiled_step_runs_the_short_last_batch_eagerly() -> None:

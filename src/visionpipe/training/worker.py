@@ -164,7 +164,7 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     # An empty fast.compile stays off here: GoogLeNet's compile pays only after about 8 million
     # images per process, and compiling under DDP was not measured (docs/benchmarks.md).
-    fast = cfg.fast.resolve(ctx.device.type)
+    fast = cfg.fast.resolve(ctx.device.type, distributed=ctx.distributed)
     check_batch_size(cfg.batch_size, dataset.split_counts["train"] // ctx.world_size)
     epoch_batches, val_loader = _batches(dataset, cfg, ctx, fast)
     batches = len(epoch_batches(1))
@@ -304,7 +304,7 @@ def _check_resumable(saved: dict[str, Any], cfg: GoogLeNetConfig) -> GoogLeNetCo
 
 def build_ddp_model(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
     """The network wrapped for DDP (or not, alone) and the bare module whose state is saved."""
-    fast = cfg.fast.resolve(ctx.device.type)
+    fast = cfg.fast.resolve(ctx.device.type, distributed=ctx.distributed)
     return _wrap(build_googlenet(num_classes, cfg.small_input_stem).to(ctx.device), cfg, ctx, fast)
 
 
