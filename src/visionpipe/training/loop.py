@@ -190,8 +190,6 @@ def predict_logits(
         with _autocast(device, fast):
             outs.append(model(images).float())
         targets.append(labels)
-    if not outs:
-        return torch.empty(0), torch.empty(0, dtype=torch.int64)
     # One copy to the host at the end: a copy per batch would wait for each batch in turn.
     return torch.cat(outs).cpu(), torch.cat([t.cpu() for t in targets])
 
