@@ -6,6 +6,10 @@ export VISIONPIPE_HOME ?= $(CURDIR)/.visionpipe
 export PREFECT_HOME ?= $(VISIONPIPE_HOME)/prefect
 export PREFECT_RESULTS_PERSIST_BY_DEFAULT ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# The ephemeral API's first start migrates a new SQLite database: about 18 s on 2 cores, close
+# to Prefect's 20 s default, past which `make run` fails with "Timed out while attempting to
+# connect to ephemeral Prefect API server".
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_LOGGING_LEVEL ?= INFO
 export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
 # This machine has 2 cores; more threads than cores only slows torch down.
