@@ -232,8 +232,12 @@ def section_small(figures: Figures, device: torch.device, count: int, batch: int
                 continue
             cfg = FastPathConfig(compile=True, compile_mode=mode)  # type: ignore[arg-type]
             torch._dynamo.reset()
-            r = isolated(lambda: ours(build(10, True).to(device), resident, device, aux, cfg),
-                         device, rounds)
+            try:
+                r = isolated(lambda: ours(build(10, True).to(device), resident, device, aux, cfg),
+                             device, rounds)
+            except Exception as exc:  # one model failing must not lose the other's figure
+                figures.add(**{f"small_{name}_compile_error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                continue
             key, plain = f"small_{name}_compile_{mode.replace('-', '_')}", \
                 figures.values[f"small_{name}_plain_images_per_s"]
             compile_s = max(r["first"] - r["pass"], 0.0)

@@ -182,6 +182,7 @@ def with_oom_fallback(cfg: C, train: Callable[[C], TrainResult]) -> TrainResult:
         if not is_out_of_memory(exc) or batch < 2:
             raise
     # Out of the except block: its traceback would keep the failed attempt's tensors alive.
+    torch.compiler.reset()  # a compiled attempt's graphs (and CUDA graph pools) go too
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     halved = cfg.model_copy(update={"batch_size": batch // 2,

@@ -175,14 +175,22 @@ class FastPathConfig(_Config):
             return self.streaming
         return train_bytes > self.memory_limit_gb * 2**30
 
-    def resolve(self, device_type: str, planned_images: int = 0,
-                distributed: bool = False) -> FastPath:
+    def resolve(self, device_type: str, planned_images: int = 0, distributed: bool = False,
+                grad_accumulation: int = 1) -> FastPath:
         """The switches for ``device_type``; ``planned_images`` (the images the stage will
-        train on) decides an empty ``compile``, ``distributed`` an empty ``compile_mode``."""
+        train on) decides an empty ``compile``, ``distributed`` an empty ``compile_mode``.
+
+        CUDA graphs (``reduce-overhead``) are never used with gradient accumulation: their
+        replays overwrite the gradient buffers that the next micro-batch adds to (PyTorch
+        issue 169545); ``default`` is used instead, also in place of an explicit choice.
+        """
         gpu = device_type == "cuda"
         compile_ = (gpu and planned_images >= self.compile_min_images) if self.compile is None \
             else self.compile
-        mode: CompileMode = "reduce-overhead" if gpu and not distributed else "default"
+        mode: CompileMode = self.compile_mode or (
+            "reduce-overhead" if gpu and not distributed else "default")
+        if mode == "reduce-overhead" and grad_accumulation > 1:
+            mode = "default"
 
         def pick(value: bool | None) -> bool:
             return gpu if value is None else value
@@ -191,7 +199,7 @@ class FastPathConfig(_Config):
                         cudnn_benchmark=gpu and pick(self.cudnn_benchmark),
                         data_on_device=gpu and pick(self.data_on_device), compile=compile_,
                         static_graph=pick(self.static_graph),
-                        decode_on_device=self.decode_on_device, compile_mode=self.compile_mode or mode)
+                        decode_on_device=self.decode_on_device, compile_mode=mode)
 
 
 class FinetuneConfig(_Config):
@@ -368,13 +376,19 @@ class PipelineConfig(_Config):
 BATCH_GEOMETRY = {"batch_size", "grad_accumulation"}
 
 
+# FastPathConfig fields that change only the speed of a run, not its batches or arithmetic.
+SPEED_ONLY = {"compile", "compile_mode", "compile_min_images", "num_workers"}
+
+
 def same_training(before: BaseModel, now: BaseModel, ignore: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
     """Whether a checkpoint written under ``before`` can be resumed under ``now``.
 
     The batch may be split differently (after an out-of-memory retry) as long as the global
     batch, ``batch_size x grad_accumulation``, is the same.
     """
-    skip = set(ignore) | BATCH_GEOMETRY
+    skip: dict[str, Any] = {name: True for name in set(ignore) | BATCH_GEOMETRY}
+    if "fast" in type(now).model_fields and "fast" not in skip:
+        skip["fast"] = SPEED_ONLY  # how fast, not what is computed: free to change on resume
     if before.model_dump(exclude=skip) != now.model_dump(exclude=skip):
         return False
     return bool(before.batch_size * before.grad_accumulation  # type: ignore[attr-defined]

@@ -210,6 +210,28 @@ def test_an_empty_compile_switch_compiles_only_long_gpu_fine_tunes() -> None:
     assert auto.resolve("cuda").compile_mode == "reduce-overhead"  # CUDA graphs: measured fastest
     assert auto.resolve("cuda", distributed=True).compile_mode == "default"
     assert auto.resolve("cpu").compile_mode == "default"  # no CUDA graphs without CUDA
+    # CUDA graph replays would overwrite the gradients that accumulation adds to.
+    assert auto.resolve("cuda", grad_accumulation=2).compile_mode == "default"
+    explicit = FastPathConfig(compile=True, compile_mode="reduce-overhead")
+    assert explicit.resolve("cuda", grad_accumulation=2).compile_mode == "default"
+    assert explicit.resolve("cuda").compile_mode == "reduce-overhead"
+
+
+def test_a_checkpoint_resumes_across_speed_only_switches_but_not_arithmetic_ones() -> None:
+    from visionpipe.config import FastPathConfig, GoogLeNetConfig, same_training
+
+    # A checkpoint from before compile could be empty stored "compile": false.
+    saved = FinetuneConfig.model_validate_json(
+        FinetuneConfig().model_dump_json().replace('"compile":null', '"compile":false'))
+    assert saved.fast.compile is False
+    assert same_training(saved, FinetuneConfig())
+    faster = FinetuneConfig(fast=FastPathConfig(compile=True, compile_mode="default", num_workers=3,
+                                                compile_min_images=5))
+    assert same_training(FinetuneConfig(), faster)
+    assert not same_training(FinetuneConfig(), FinetuneConfig(fast=FastPathConfig(autocast_bf16=True)))
+    assert not same_training(FinetuneConfig(), FinetuneConfig(augment=True))
+    assert same_training(GoogLeNetConfig(), GoogLeNetConfig(fast=FastPathConfig(compile=True)),
+                         ignore={"launch"})
     assert FastPathConfig(compile_mode="default").resolve("cuda").compile_mode == "default"
 
 

@@ -140,7 +140,8 @@ def finetune(
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     planned = dataset.split_counts["train"] * sum(phase.epochs for phase in cfg.phases)
-    fast = cfg.fast.resolve(device.type, planned_images=planned)
+    fast = cfg.fast.resolve(device.type, planned_images=planned,
+                            grad_accumulation=cfg.grad_accumulation)
     data = _load_data(dataset, cfg, device, fast)
     check_batch_size(cfg.batch_size, data.count("train"))
     model = build_resnet(cfg.arch, dataset.num_classes)

@@ -96,8 +96,9 @@ class StopSignal:
     """SIGTERM (preemption) asks to stop; all ranks agree on it after every step.
 
     Under DDP the agreement lags one step: each step starts an asynchronous all-reduce of the
-    flag and reads the one the step before started, which has finished by then. Reading this
-    step's flag at once would make the host wait for the whole step before it queues the next.
+    flag and reads the one the step before started. On CUDA that read waits on a side stream,
+    for that reduction alone: on the training stream it would queue behind the step just
+    launched, and the host would wait for the whole step before it queues the next.
     """
 
     def __init__(self, ctx: DistContext) -> None:
@@ -105,6 +106,7 @@ class StopSignal:
         self.requested = False
         self._previous: Any = None
         self._pending: tuple[Any, torch.Tensor] | None = None
+        self._side = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
 
     def __enter__(self) -> StopSignal:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -119,13 +121,21 @@ class StopSignal:
     def agreed(self) -> bool:
         if not self.ctx.distributed:
             return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.ctx.device)
+        # torch.full fills on the device; torch.tensor(...) would be a blocking host copy.
+        flag = torch.full((1,), 1.0 if self.requested else 0.0, device=self.ctx.device)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)  # one stops them all
         previous, self._pending = self._pending, (work, flag)
         if previous is None:
             return False
-        previous[0].wait()
-        return bool(previous[1].item() > 0)
+        work_before, flag_before = previous
+        if self._side is None:
+            work_before.wait()
+            return bool(flag_before.item() > 0)
+        with torch.cuda.stream(self._side):
+            work_before.wait()  # makes the side stream, not the training stream, wait
+            on_host = flag_before.to("cpu", non_blocking=True)
+        self._side.synchronize()
+        return bool(on_host.item() > 0)
 
 
 class Preempted(Exception):
@@ -164,7 +174,8 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     # An empty fast.compile stays off here: GoogLeNet's compile pays only after about 8 million
     # images per process, and compiling under DDP was not measured (docs/benchmarks.md).
-    fast = cfg.fast.resolve(ctx.device.type, distributed=ctx.distributed)
+    fast = cfg.fast.resolve(ctx.device.type, distributed=ctx.distributed,
+                            grad_accumulation=cfg.grad_accumulation)
     check_batch_size(cfg.batch_size, dataset.split_counts["train"] // ctx.world_size)
     epoch_batches, val_loader = _batches(dataset, cfg, ctx, fast)
     batches = len(epoch_batches(1))
@@ -304,7 +315,8 @@ def _check_resumable(saved: dict[str, Any], cfg: GoogLeNetConfig) -> GoogLeNetCo
 
 def build_ddp_model(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
     """The network wrapped for DDP (or not, alone) and the bare module whose state is saved."""
-    fast = cfg.fast.resolve(ctx.device.type, distributed=ctx.distributed)
+    fast = cfg.fast.resolve(ctx.device.type, distributed=ctx.distributed,
+                            grad_accumulation=cfg.grad_accumulation)
     return _wrap(build_googlenet(num_classes, cfg.small_input_stem).to(ctx.device), cfg, ctx, fast)
 
 
@@ -318,7 +330,8 @@ def _wrap(model: nn.Module, cfg: GoogLeNetConfig, ctx: DistContext,
         # Every step uses every parameter (the auxiliary heads too), so the graph is static.
         wrapped = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
                                           static_graph=fast.static_graph)
-    return maybe_compile(wrapped, fast), model
+    # Alone, the short last batch runs eagerly; under DDP one module serves every batch.
+    return maybe_compile(wrapped, fast, None if ctx.distributed else cfg.batch_size), model
 
 
 def _end_epoch(trainer: _Trainer, epoch: int, train: EpochStats, val_top1: float,
