@@ -150,7 +150,8 @@ class FastPathConfig(_Config):
     compile_mode: CompileMode | None = Field(
         None, description="torch.compile's mode. Empty: 'reduce-overhead' (CUDA graphs) for "
         "the single-process fine-tune, where it measured fastest (4x on 32 x 32 images, whose "
-        "steps are too short for the host to keep the GPU busy); 'default' under DDP. "
+        "steps are too short for the host to keep the GPU busy); 'default' under DDP and with "
+        "gradient accumulation. "
         "'max-autotune-no-cudagraphs' searches kernels for minutes longer.")
     static_graph: bool | None = Field(
         None, description="DDP static_graph: valid because every step uses the same parameters."

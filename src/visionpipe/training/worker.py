@@ -106,7 +106,8 @@ class StopSignal:
         self.requested = False
         self._previous: Any = None
         self._pending: tuple[Any, torch.Tensor] | None = None
-        self._side = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" else None
+        cuda = ctx.distributed and ctx.device.type == "cuda"
+        self._side = torch.cuda.Stream(ctx.device) if cuda else None
 
     def __enter__(self) -> StopSignal:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
