@@ -226,62 +226,57 @@ def section_small(figures: Figures, device: torch.device, count: int, batch: int
         compare(figures, "small_", name, device, rounds, resident, lambda: loader, 10, small=True)
     del loader
     for mode in compile_modes:  # small steps leave the host as the limit: CUDA graphs lift it
-        for name, (build, aux) in MODELS.items():
-            if time.perf_counter() > deadline:
-                print(f"small compile {name} {mode}: skipped, out of time", flush=True)
-                continue
-            cfg = FastPathConfig(compile=True, compile_mode=mode)  # type: ignore[arg-type]
-            torch._dynamo.reset()
-            try:
-                r = isolated(lambda: ours(build(10, True).to(device), resident, device, aux, cfg),
-                             device, rounds)
-            except Exception as exc:  # one model failing must not lose the other's figure
-                figures.add(**{f"small_{name}_compile_error": f"{type(exc).__name__}: {str(exc)[:300]}"})
-                continue
-            key, plain = f"small_{name}_compile_{mode.replace('-', '_')}", \
-                figures.values[f"small_{name}_plain_images_per_s"]
-            compile_s = max(r["first"] - r["pass"], 0.0)
-            print(f"small compile {name:<10} {mode:<16} {r['rate']:8.1f} img/s, compiling "
-                  f"{compile_s:.0f} s, x{r['rate'] / plain:.2f} over plain amp", flush=True)
-            figures.add(**{f"{key}_images_per_s": r["rate"], f"{key}_seconds": compile_s,
-                           f"{key}_speedup": r["rate"] / plain})
+        for name in MODELS:
+            compiled(figures, f"small_{name}", name, mode, device, rounds, resident, 10, True,
+                     deadline)
 
 
 def section_compile(figures: Figures, device: torch.device, data: list[Any], rounds: int,
                     modes: list[str], models: list[str], deadline: float) -> None:
     for name in models:
-        build, aux = MODELS[name]
-        eager = figures.values.get(f"{name}_images_per_s")
         for mode in modes:
-            if time.perf_counter() > deadline:
-                print(f"compile {name} {mode}: skipped, out of time", flush=True)
-                continue
-            key = f"{name}_compile_{mode.replace('-', '_')}"
-            try:
-                cfg = FastPathConfig(compile=True, compile_mode=mode)  # type: ignore[arg-type]
-                torch._dynamo.reset()
-                r = isolated(lambda: ours(build(1000, False).to(device), lambda: data, device, aux, cfg),
-                             device, rounds)
-            except Exception as exc:  # one mode failing must not lose the other figures
-                figures.add(**{f"{key}_error": f"{type(exc).__name__}: {str(exc)[:300]}"})
-                print(f"compile {name} {mode}: {type(exc).__name__}: {exc}"[:500], flush=True)
-                continue
-            compile_s = max(r["first"] - r["pass"], 0.0)
-            values = {f"{key}_images_per_s": r["rate"], f"{key}_seconds": compile_s,
-                      f"{key}_peak_gib": r["peak"]}
-            line = (f"compile {name:<10} {mode:<16} {r['rate']:8.1f} img/s ({r['peak']:.1f} GiB), "
-                    f"compiling {compile_s:.0f} s")
-            if eager:
-                values[f"{key}_speedup_over_eager"] = r["rate"] / eager
-                saved = 1 / eager - 1 / r["rate"]  # seconds saved per image
-                if saved > 0:
-                    values[f"{key}_break_even_images"] = compile_s / saved
-                    line += f", x{r['rate'] / eager:.2f} over eager, pays after " \
-                            f"{compile_s / saved / 1e6:.2f} M images"
-                else:
-                    line += f", x{r['rate'] / eager:.2f} over eager: never pays"
-            figures.add(**values)
-            print(line, flush=True)
+            compiled(figures, name, name, mode, device, rounds, lambda: data, 1000, False, deadline)
+
+
+def compiled(figures: Figures, prefix: str, name: str, mode: str, device: torch.device,
+             rounds: int, batches: Callable[[], Batches], classes: int, small: bool,
+             deadline: float) -> None:
+    """Ours compiled in ``mode``: images/s, compile seconds, and, against the eager figure
+    ``<prefix>_images_per_s`` measured before, the speed-up and the images it takes to pay."""
+    key = f"{prefix}_compile_{mode.replace('-', '_')}"
+    if time.perf_counter() > deadline:
+        print(f"{key}: skipped, out of time", flush=True)
+        return
+    build, aux = MODELS[name]
+    cfg = FastPathConfig(compile=True, compile_mode=mode)  # type: ignore[arg-type]
+    torch._dynamo.reset()
+    try:
+        r = isolated(lambda: ours(build(classes, small).to(device), batches, device, aux, cfg),
+                     device, rounds)
+    except Exception as exc:  # one mode or model failing must not lose the other figures
+        figures.add(**{f"{key}_error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        print(f"{key}: {type(exc).__name__}: {exc}"[:500], flush=True)
+        return
+    compile_s = max(r["first"] - r["pass"], 0.0)  # the warm-up pass less a steady one
+    values = {f"{key}_images_per_s": r["rate"], f"{key}_seconds": compile_s,
+              f"{key}_peak_gib": r["peak"]}
+    line = f"{key:<40} {r['rate']:8.1f} img/s ({r['peak']:.1f} GiB), compiling {compile_s:.0f} s"
+    plain = figures.values.get(f"{prefix}_plain_images_per_s")
+    if plain:
+        values[f"{key}_speedup"] = r["rate"] / plain
+        line += f", x{r['rate'] / plain:.2f} over plain amp"
+    eager = figures.values.get(f"{prefix}_images_per_s")
+    if eager:
+        values[f"{key}_speedup_over_eager"] = r["rate"] / eager
+        saved = 1 / eager - 1 / r["rate"]  # seconds saved per image
+        line += f", x{r['rate'] / eager:.2f} over eager"
+        if saved > 0:
+            values[f"{key}_break_even_images"] = compile_s / saved
+            line += f", pays after {compile_s / saved / 1e6:.2f} M images"
+        else:
+            line += ": never pays"
+    figures.add(**values)
+    print(line, flush=True)
 
 
 def section_pipeline(figures: Figures, device: torch.device, smoke: bool) -> None:
@@ -291,14 +286,14 @@ def section_pipeline(figures: Figures, device: torch.device, smoke: bool) -> Non
     from visionpipe.config import DataConfig, FinetuneConfig
     from visionpipe.data import prepare_dataset
     from visionpipe.training.finetune import finetune
-    from visionpipe.weights import _random_init
+    from visionpipe.weights import random_init
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["VISIONPIPE_HOME"] = tmp
         dataset = prepare_dataset(DataConfig(max_per_class=8 if smoke else None))
         cfg = FinetuneConfig(batch_size=16 if smoke else 64)
         (Path(tmp) / "weights").mkdir()
-        weights = _random_init(cfg.arch, Path(tmp) / "weights", reason="offline benchmark")
+        weights = random_init(cfg.arch, Path(tmp) / "weights", reason="offline benchmark")
         start = time.perf_counter()
         result = finetune(cfg, dataset, Path(weights.path), Path(tmp) / "out", random_init=True,
                           weights_sha256=weights.sha256)

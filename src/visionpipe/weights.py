@@ -110,7 +110,7 @@ def fetch_weights(cfg: WeightsConfig, arch: str, *, backoff_s: float = 0.5) -> F
     except WeightsUnavailable as exc:
         if cfg.on_unavailable != RANDOM_INIT:
             raise
-        return _random_init(arch, cache, reason=str(exc))
+        return random_init(arch, cache, reason=str(exc))
     return FetchedWeights(path=str(path), sha256=digest, source=cfg.uri, random_init=False,
                           arch=arch)
 
@@ -477,7 +477,7 @@ def _index_put(cache: Path, key: str, digest: str) -> None:
     os.replace(name, cache / _INDEX)
 
 
-def _random_init(arch: str, cache: Path, reason: str) -> FetchedWeights:
+def random_init(arch: str, cache: Path, reason: str) -> FetchedWeights:
     """A seeded random initialisation of ``arch``, saved to the cache under its digest."""
     log.warning("RANDOM INIT: pretrained weights unavailable (%s); %s starts from a random "
                 "initialisation (seed 0), so expect much lower accuracy", redact(reason), arch)

@@ -37,3 +37,29 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
         assert figures[f"{model}_images_per_s"] > 0 and figures[f"{model}_plain_images_per_s"] > 0
     assert figures["jpeg_stream_cpu_decode_images_per_s"] > 0
     assert figures["jpeg_stream_device_decode_images_per_s"] > 0
+
+
+def test_gpu_benchmark_compiled_figures_on_a_tiny_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import torch
+    from torch import nn
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "bench" / "gpu.py")
+    assert spec is not None and spec.loader is not None
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    tiny = (lambda classes, small: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                                 nn.Flatten(), nn.Linear(4, classes)), 0.0)
+    monkeypatch.setattr(gpu, "MODELS", {"tiny": tiny})
+    cpu, figures = torch.device("cpu"), gpu.Figures(None)
+    data = gpu.synthetic_batches(cpu, 16, 8, 2)
+    gpu.section_synthetic(figures, cpu, data, 2)
+    gpu.section_compile(figures, cpu, data, 2, ["default"], ["tiny"], deadline=float("inf"))
+    values = figures.values
+    assert values["tiny_compile_default_images_per_s"] > 0
+    assert values["tiny_compile_default_seconds"] >= 0
+    assert values["tiny_compile_default_speedup_over_eager"] == pytest.approx(
+        values["tiny_compile_default_images_per_s"] / values["tiny_images_per_s"], rel=1e-2)
+    gpu.section_compile(figures, cpu, data, 2, ["reduce-overhead"], ["tiny"], deadline=0.0)
+    assert not any(k.startswith("tiny_compile_reduce_overhead") for k in values)  # out of time
