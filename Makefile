@@ -31,7 +31,7 @@ install: $(STAMP)
 
 run: $(STAMP)
 	mkdir -p $(PREFECT_HOME)
-	$(VENV)/bin/python -m flows.train_image_classifiers
+	$(VENV)/bin/python -m flows
 
 test: $(STAMP)
 	mkdir -p $(PREFECT_HOME)

@@ -129,7 +129,7 @@ def whole_run() -> dict[str, float]:
         env = {**os.environ, "VISIONPIPE_HOME": home, "PREFECT_HOME": f"{home}/prefect"}
         Path(home, "prefect").mkdir()
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "flows.train_image_classifiers"], cwd=REPO, env=env,
+        subprocess.run([sys.executable, "-m", "flows"], cwd=REPO, env=env,
                        check=True, stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - start
         timings = json.loads(Path(home, "last-run.json").read_text())["timings"]

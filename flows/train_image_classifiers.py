@@ -31,17 +31,18 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
 
     1. open-tracking-run: one MLflow parent run for this flow run
     2. prepare-dataset: ingest, validate, split, version (cached on the source)
-    3. fetch-pretrained-weights: verified and cached
+    3. fetch-pretrained-weights: verified and cached (alongside 1 and 2)
     4. finetune-backbone: head on a frozen backbone, then everything
        train-googlenet: Inception v1 from scratch, DDP under torchrun (alongside)
     5. evaluate-candidates: the same held-out test split for all
     6. register-model: a version per candidate; the champion alias moves only for a better one
     7. record-timings: wall time per stage, and the share spent outside the training loops
     """
+    fetching = fetch_pretrained_weights.submit(config.weights, config.finetune.arch)
     context = open_tracking_run(config)
     dataset = prepare_dataset_cached(config.data)
     log_dataset(dataset, context)
-    weights = fetch_pretrained_weights(config.weights, config.finetune.arch)
+    weights = fetching.result()
     finetuned = finetune_backbone.submit(config.finetune, dataset, weights, context)
     scratch = train_googlenet.submit(config.googlenet, dataset, context) if config.googlenet.enabled else None
     candidates = [f.result() for f in (finetuned, scratch) if f is not None]

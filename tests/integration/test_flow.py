@@ -170,7 +170,7 @@ def test_an_unreachable_prefect_api_is_named_with_the_fix(tmp_path: Path) -> Non
         port = s.getsockname()[1]
     env = {**os.environ, "VISIONPIPE_HOME": str(tmp_path),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    out = subprocess.run([sys.executable, "-m", "flows.train_image_classifiers"], env=env,
+    out = subprocess.run([sys.executable, "-m", "flows"], env=env,
                          capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 1

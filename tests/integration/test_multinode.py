@@ -73,7 +73,7 @@ class Cluster:
     def run_pipeline(self, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         path = self.home / "config.json"
         path.write_text(json.dumps(config))
-        return subprocess.run([sys.executable, "-m", "flows.train_image_classifiers", str(path)],
+        return subprocess.run([sys.executable, "-m", "flows", str(path)],
                               cwd=REPO, env=self.env, capture_output=True, text=True, timeout=900)
 
     def start_serving(self, *args: str) -> None:

@@ -8,6 +8,7 @@ writes checkpoints, logs to MLflow and writes the result file.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -410,7 +411,17 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m visionpipe.training.worker <job.json>", file=sys.stderr)
         return 2
-    job = WorkerJob.model_validate_json(Path(argv[0]).read_text())
+    # The imports' objects live until exit: out of the cyclic collector's sight, they are not
+    # scanned again by every full collection, nor once more at exit (about 1 s per process).
+    gc.freeze()
+    try:
+        return _run(argv[0])
+    finally:
+        gc.freeze()
+
+
+def _run(job_path: str) -> int:
+    job = WorkerJob.model_validate_json(Path(job_path).read_text())
     # torchrun --tee puts the local rank in front of every line; the launching task keeps it.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     launch = job.config.launch
