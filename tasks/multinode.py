@@ -8,7 +8,9 @@ runs, fails fast when one fails (cancelling the others) and returns global rank 
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,12 +121,24 @@ def train_on_nodes(cfg: GoogLeNetConfig, dataset: PreparedDataset, context: Trac
         # Cancelled, timed out or failed: leave no node holding GPUs, and let no retry start
         # while an old rank may still write its preemption checkpoint.
         _cancel(runs, wait_s=CANCEL_WAIT_S)
+        _remove_scratch(scratch)
         raise
-    result = read_result(store, scratch, rdzv_id)
+    try:
+        result = read_result(store, scratch, rdzv_id)
+    finally:
+        _remove_scratch(scratch)
     if result is None:
         raise NodeRunFailed(f"every node run completed but global rank 0 left no result in "
                             f"{shared}; see the node runs' logs", transient=True)
     return localize_checkpoints(result, store, local_dir)
+
+
+def _remove_scratch(scratch: Path) -> None:
+    """The parent's downloaded copies of the result file; the attempt's folder too, once empty
+    (the node runs remove their own)."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        scratch.parent.rmdir()
 
 
 def _wait(runs: list[FlowRun], min_nodes: int, finished: Callable[[], bool], deadline: float,

@@ -255,6 +255,10 @@ def test_a_dead_node_fails_the_parent_fast_and_its_retry_resumes(cluster: Cluste
     stage = f"runs/{parent['id']}/scratch-googlenet"
     assert {f"{stage}/last.pt", f"{stage}/last.pt.sha256", f"{stage}/best.pt"} <= keys, keys
     assert any(k.startswith(f"{stage}/result-") and "-a2" in k for k in keys), keys
+    # The parent's downloaded result files are gone, of the failed attempt too. (A failed node
+    # keeps its scratch folder: it may hold a checkpoint whose upload failed.)
+    assert not list((cluster.home / "vp" / "nodes").glob("*/parent")), \
+        list((cluster.home / "vp" / "nodes").rglob("*"))
 
 
 def test_a_node_failing_deterministically_cancels_the_waiting_node(cluster: Cluster) -> None:
