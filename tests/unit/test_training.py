@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -160,6 +161,23 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Path
     state = latest_checkpoint(tmp_path)
     assert state is not None and state["epoch"] == 1 and state["path"].endswith("prev.pt")
     assert "skipping checkpoint" in caplog.text
+
+
+def test_an_improved_epoch_is_serialised_once_as_best_and_last(tmp_path: Path) -> None:
+    from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
+
+    rotate_and_save({"model": {"w": torch.zeros(4)}, "epoch": 1}, tmp_path, best=True)
+    digest = rotate_and_save({"model": {"w": torch.ones(4)}, "epoch": 2}, tmp_path, best=True)
+    best, last, prev = (tmp_path / f"{n}.pt" for n in ("best", "last", "prev"))
+    assert best.read_bytes() == last.read_bytes() and not best.samefile(last)
+    assert digest == hashlib.sha256(best.read_bytes()).hexdigest()
+    assert load_checkpoint(best)["epoch"] == load_checkpoint(last)["epoch"] == 2
+    assert load_checkpoint(prev)["epoch"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+    # Two files, not two names for one: damage to the newest leaves the best whole.
+    last.write_bytes(b"half a file")
+    assert latest_checkpoint(tmp_path)["epoch"] == 1  # type: ignore[index]
+    assert torch.equal(load_checkpoint(best)["model"]["w"], torch.ones(4))
 
 
 def test_resuming_with_another_config_is_refused(tiny_digits: PreparedDataset, tmp_path: Path) -> None:

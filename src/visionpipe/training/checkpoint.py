@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _HashingWriter:
+    """A file that hashes the bytes written through it, so no checkpoint is read back to hash it."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return int(self._file.write(data))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     """Write ``state`` to ``path`` via a temporary name and a rename; return its sha256.
 
@@ -34,14 +50,32 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    digest = _sha256(tmp)
+    with tmp.open("wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+    digest = writer.digest.hexdigest()
     os.replace(tmp, path)
+    _write_digest(path, digest)
+    return digest
+
+
+def _copy_checkpoint(source: Path, digest: str, path: Path) -> str:
+    """``path`` becomes a copy of the checkpoint ``source`` (whose sha256 is ``digest``).
+
+    A copy, not a link: a file damaged or rewritten in place under one name leaves the other whole.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+    _write_digest(path, digest)
+    return digest
+
+
+def _write_digest(path: Path, digest: str) -> None:
     sidecar = path.with_name(path.name + ".sha256")
     tmp_sidecar = sidecar.with_name("." + sidecar.name + ".tmp")
     tmp_sidecar.write_text(json.dumps({"sha256": digest}))
     os.replace(tmp_sidecar, sidecar)
-    return digest
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -59,12 +93,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def rotate_and_save(state: dict[str, Any], folder: Path) -> str:
-    """Write ``last.pt``, keeping the previous one as ``prev.pt`` so one damaged file loses nothing."""
+def rotate_and_save(state: dict[str, Any], folder: Path, best: bool = False) -> str:
+    """Write ``last.pt``, keeping the previous one as ``prev.pt`` so one damaged file loses nothing.
+
+    With ``best``, the same state is also ``best.pt``, written first (a resumed run never records
+    a best epoch without its file), serialised once and copied.
+    """
     last, prev = folder / "last.pt", folder / "prev.pt"
+    digest = save_checkpoint(state, folder / "best.pt") if best else None
     if last.exists() and last.with_name("last.pt.sha256").exists():
         os.replace(last, prev)
         os.replace(last.with_name("last.pt.sha256"), prev.with_name("prev.pt.sha256"))
+    if digest is not None:
+        return _copy_checkpoint(folder / "best.pt", digest, last)
     return save_checkpoint(state, last)
 
 

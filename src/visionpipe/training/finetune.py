@@ -25,7 +25,7 @@ from visionpipe.models import (
     set_trainable,
     train_mode,
 )
-from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save, save_checkpoint
+from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
 from visionpipe.training.result import TrainResult
 from visionpipe.weights import check_state_dict_keys, load_state_dict_file
 from visionpipe.training.loop import (
@@ -346,6 +346,4 @@ def _save(run: _Run, optimizer: torch.optim.Optimizer, scheduler: Any, record: d
                      "since_best": progress.since_best, "history": progress.history,
                      "skipped": progress.skipped},
     }
-    if improved:  # best first: a resumed run never records a best epoch without its file
-        save_checkpoint(state, run.out_dir / "best.pt")
-    rotate_and_save(state, run.out_dir)
+    rotate_and_save(state, run.out_dir, best=improved)

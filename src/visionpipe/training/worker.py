@@ -34,7 +34,7 @@ from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.data.loading import BatchIterator
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
 from visionpipe.models import ModelSpec, build_googlenet
-from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save, save_checkpoint
+from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
 from visionpipe.training.distributed import (
     DistContext,
     all_reduce_sum,
@@ -383,9 +383,7 @@ def _save(trainer: _Trainer, improved: bool) -> None:
         "progress": {"best": state.best, "best_epoch": state.best_epoch, "history": state.history},
     }
     out_dir = Path(trainer.job.out_dir)
-    if improved:  # best first: a resumed run never records a best epoch without its file
-        save_checkpoint(checkpoint, out_dir / "best.pt")
-    rotate_and_save(checkpoint, out_dir)
+    rotate_and_save(checkpoint, out_dir, best=improved)
     if trainer.job.shared_dir:  # S3: the next attempt may run on other hosts
         changed = ["prev.pt", "prev.pt.sha256"] + (["best.pt", "best.pt.sha256"] if improved else [])
         SharedStore(trainer.job.shared_dir).push(out_dir, [*changed, "last.pt", "last.pt.sha256"])
