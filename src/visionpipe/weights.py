@@ -30,6 +30,7 @@ import torch
 import torchvision
 from pydantic import BaseModel, ConfigDict
 
+from visionpipe.digests import file_sha256
 from visionpipe.redaction import redact
 from visionpipe.config import WeightsConfig
 from visionpipe.settings import cache_dir, tracking_uri
@@ -390,15 +391,6 @@ def _mlflow_error(uri: str, exc: Any) -> Exception:
 
 
 # ---------------------------------------------------------------------------- cache and digests
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The full hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _stream_to_temp(chunks: Iterator[bytes], cache: Path) -> tuple[Path, str]:

@@ -27,10 +27,12 @@ from visionpipe.data import (
     source_fingerprint,
 )
 from visionpipe.data.manifest import MANIFEST_COLUMNS, build_manifest, dataset_version
+from visionpipe.data.loading import decoded_split_path
 from visionpipe.data.paths import confined_path
 from visionpipe.data.prepare import safe_name
 from visionpipe.data.sources import SourceFile, select_per_class
 from visionpipe.data.validate import ImageRecord
+from visionpipe.digests import load_with_digest, save_with_digest
 
 TINY = DataConfig(source="digits", max_per_class=12, image_size=16)
 
@@ -165,6 +167,51 @@ def test_load_split_and_lazy_dataset_agree(tiny_digits: PreparedDataset) -> None
     assert torch.equal(image, images[3]) and label == labels[3].item()
     with pytest.raises(DatasetError, match="unknown split"):
         load_split(tiny_digits, "holdout")
+
+
+def test_a_decoded_split_is_kept_and_read_instead_of_decoding_again(
+        tiny_digits: PreparedDataset, tmp_path: Path) -> None:
+    images, labels = load_split(tiny_digits, "train")
+    cache = decoded_split_path(tiny_digits, "train")
+    assert cache.is_file() and not list(cache.parent.glob(".*.tmp"))
+    # With the image files gone, only the kept tensors can answer.
+    shutil.move(tiny_digits.root, tmp_path / "moved")
+    again, again_labels = load_split(tiny_digits, "train")
+    assert torch.equal(again, images) and torch.equal(again_labels, labels)
+    shutil.move(tmp_path / "moved", tiny_digits.root)
+    # Another image size of the same version is another file.
+    other = tiny_digits.model_copy(update={"image_size": 8})
+    assert load_split(other, "train")[0].shape[-1] == 8 and decoded_split_path(other, "train") != cache
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "other decoder", "other labels"])
+def test_an_unusable_decoded_split_is_decoded_again_and_replaced(
+        tiny_digits: PreparedDataset, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    images, labels = load_split(tiny_digits, "val")
+    cache = decoded_split_path(tiny_digits, "val")
+    if damage == "flipped byte":
+        data = bytearray(cache.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        cache.write_bytes(bytes(data))
+    else:
+        kept = torch.load(cache, weights_only=True)
+        if damage == "other decoder":
+            kept["decoder"] = "torchvision 0.1, pillow 1.0"
+        else:
+            kept["labels"] = kept["labels"].flip(0)
+        save_with_digest(kept, cache)
+    again, again_labels = load_split(tiny_digits, "val")
+    assert torch.equal(again, images) and torch.equal(again_labels, labels)
+    assert "decoding again" in caplog.text
+    assert torch.equal(load_with_digest(cache)["images"], images)  # replaced by a whole one
+
+
+def test_a_folder_that_cannot_keep_decoded_splits_only_costs_the_decoding(
+        tiny_digits: PreparedDataset, caplog: pytest.LogCaptureFixture) -> None:
+    decoded_split_path(tiny_digits, "test").parent.write_text("not a folder")
+    images, _ = load_split(tiny_digits, "test")
+    assert images.shape[0] == tiny_digits.split_counts["test"]
+    assert "cannot keep the decoded split" in caplog.text
 
 
 def test_loader_normalises_and_augments_reproducibly() -> None:

@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+import PIL
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch.utils.data import Dataset, Sampler
 
 from visionpipe.data.errors import DatasetError
@@ -18,10 +20,13 @@ from visionpipe.data.images import normalize, open_image, to_uint8_tensor
 from visionpipe.data.manifest import SPLITS, read_manifest
 from visionpipe.data.paths import confined_path
 from visionpipe.data.prepare import PreparedDataset
+from visionpipe.digests import DigestError, load_with_digest, save_with_digest
 
 log = logging.getLogger(__name__)
 
 CROP_PADDING = 4  # pixels, as in the classic CIFAR recipe
+# Bump when decoding or resizing gives other pixels: decoded splits kept on disk then go stale.
+DECODE_VERSION = 1
 
 
 def split_rows(prepared: PreparedDataset, split: str) -> pd.DataFrame:
@@ -38,15 +43,70 @@ def load_image(root: Path, relpath: str, image_size: int) -> torch.Tensor:
 
 
 def load_split(prepared: PreparedDataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split in memory: uint8 images ``N x 3 x S x S`` and int64 labels ``N``."""
+    """A whole split in memory: uint8 images ``N x 3 x S x S`` and int64 labels ``N``.
+
+    The first process to decode a split of a dataset version keeps the tensors beside its
+    manifest (``decoded/``); every later one (the other DDP ranks, the other trainer, the
+    evaluation, tomorrow's run) reads them instead of decoding every image again.
+    """
     rows = split_rows(prepared, split)
+    labels = torch.as_tensor(rows["label"].to_numpy(), dtype=torch.int64)
+    cache = decoded_split_path(prepared, split)
+    images = _read_decoded(cache, labels, prepared.image_size)
+    if images is None:
+        images = _decode(prepared, rows)
+        _write_decoded(cache, images, labels)
+    return images, labels
+
+
+def decoded_split_path(prepared: PreparedDataset, split: str) -> Path:
+    """Where the decoded tensors of one split are kept: keyed on the dataset version (a hash of
+    every file's content), the image size and the way images are decoded."""
+    name = f"{split}-{prepared.image_size}px-v{DECODE_VERSION}.pt"
+    return Path(prepared.manifest_path).parent / "decoded" / name
+
+
+def _decode(prepared: PreparedDataset, rows: pd.DataFrame) -> torch.Tensor:
     root, size = Path(prepared.root), prepared.image_size
     # Decoding releases the GIL for most of its work, so threads speed it up.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         images = list(pool.map(lambda rel: load_image(root, rel, size), rows["path"]))
-    stacked = torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
-    labels = torch.as_tensor(rows["label"].to_numpy(), dtype=torch.int64)
-    return stacked, labels
+    return torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
+
+
+def _read_decoded(path: Path, labels: torch.Tensor, size: int) -> torch.Tensor | None:
+    """The cached images if they are whole and match the manifest's rows, else None."""
+    if not path.exists():
+        return None
+    try:
+        cached = load_with_digest(path)
+        images, cached_labels = cached["images"], cached["labels"]
+        if cached["decoder"] != _decoder():
+            raise DigestError(f"decoded by {cached['decoder']}, not {_decoder()}")
+        if (images.dtype != torch.uint8 or tuple(images.shape) != (len(labels), 3, size, size)
+                or not torch.equal(cached_labels, labels)):
+            raise DigestError("its images do not match the manifest's rows")
+    except (DigestError, OSError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("decoding again: the decoded split %s is unusable (%s)", path, exc)
+        return None
+    return images
+
+
+def _decoder() -> str:
+    """What made the pixels: another version of these may resize a little differently."""
+    return f"torchvision {torchvision.__version__}, pillow {PIL.__version__}"
+
+
+def _write_decoded(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Keep the decoded split for the next reader; a folder that cannot be written only costs
+    that reader the decoding."""
+    try:
+        # Several processes (DDP ranks) may decode the same split at once: each writes its own
+        # temporary file, and each rename puts a whole one in place.
+        save_with_digest({"images": images, "labels": labels, "decoder": _decoder()}, path,
+                         private_tmp=True)
+    except OSError as exc:
+        log.warning("cannot keep the decoded split at %s (%s); it will be decoded again", path, exc)
 
 
 class ManifestImageDataset(Dataset[tuple[torch.Tensor, int]]):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
+from visionpipe.digests import DigestError, copy_with_digest, load_with_digest, save_with_digest
 
 log = logging.getLogger(__name__)
 
@@ -19,75 +16,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged or not ours."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-class _HashingWriter:
-    """A file that hashes the bytes written through it, so no checkpoint is read back to hash it."""
-
-    def __init__(self, file: Any) -> None:
-        self._file = file
-        self.digest = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        return int(self._file.write(data))
-
-    def flush(self) -> None:
-        self._file.flush()
-
-
 def save_checkpoint(state: dict[str, Any], path: Path) -> str:
-    """Write ``state`` to ``path`` via a temporary name and a rename; return its sha256.
-
-    The digest goes to ``<path>.sha256`` after the file is in place, so a crash between the two
-    leaves a checkpoint without a digest, which ``load_checkpoint`` refuses rather than trusts.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        writer = _HashingWriter(f)
-        torch.save(state, writer)
-    digest = writer.digest.hexdigest()
-    os.replace(tmp, path)
-    _write_digest(path, digest)
-    return digest
-
-
-def _copy_checkpoint(source: Path, digest: str, path: Path) -> str:
-    """``path`` becomes a copy of the checkpoint ``source`` (whose sha256 is ``digest``).
-
-    A copy, not a link: a file damaged or rewritten in place under one name leaves the other whole.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
-    _write_digest(path, digest)
-    return digest
-
-
-def _write_digest(path: Path, digest: str) -> None:
-    sidecar = path.with_name(path.name + ".sha256")
-    tmp_sidecar = sidecar.with_name("." + sidecar.name + ".tmp")
-    tmp_sidecar.write_text(json.dumps({"sha256": digest}))
-    os.replace(tmp_sidecar, sidecar)
+    """Write ``state`` to ``path`` atomically with its sha256 beside it; return the sha256."""
+    return save_with_digest(state, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` after checking its digest."""
-    sidecar = path.with_name(path.name + ".sha256")
-    if not path.exists() or not sidecar.exists():
-        raise CheckpointError(f"checkpoint {path} or its digest file is missing")
-    expected = json.loads(sidecar.read_text())["sha256"]
-    actual = _sha256(path)
-    if actual != expected:
-        raise CheckpointError(f"checkpoint {path} is damaged: sha256 {actual} != recorded {expected}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_with_digest(path)
+    except DigestError as exc:
+        raise CheckpointError(f"checkpoint {exc}") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a visionpipe checkpoint (no 'model' entry)")
     return state
@@ -105,7 +44,7 @@ def rotate_and_save(state: dict[str, Any], folder: Path, best: bool = False) -> 
         os.replace(last, prev)
         os.replace(last.with_name("last.pt.sha256"), prev.with_name("prev.pt.sha256"))
     if digest is not None:
-        return _copy_checkpoint(folder / "best.pt", digest, last)
+        return copy_with_digest(folder / "best.pt", digest, last)
     return save_checkpoint(state, last)
 
 
