@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 	# torch and torchvision first, pinned to the builds on this machine's disk (CPU or CUDA wheel).
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# Prefect's migrations, run once here into an empty database that new state folders copy
+	# (flows/prefect_database.py): a first `make run` then skips them.
+	$(VENV)/bin/python -m flows.prefect_database
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,58 @@ print("none")
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "none"
     assert "Starting temporary server" not in out.stderr
+    assert not (tmp_path / "prefect.db").exists()  # nor is a database seeded for it
+
+
+def test_a_new_state_folder_starts_from_the_installs_migrated_database(tmp_path: Path) -> None:
+    from flows.prefect_database import make_template, seed_database
+
+    stale = tmp_path / "share" / "prefect-0.0.1.db"
+    stale.parent.mkdir()
+    stale.write_bytes(b"another Prefect version's")
+    template = make_template(tmp_path / "share" / "prefect-test.db")  # Prefect's own migrations
+    assert template.is_file() and not stale.exists()
+    with closing(sqlite3.connect(template)) as db:  # a mark that only the template carries
+        db.execute("CREATE TABLE visionpipe_mark (x)")
+    home = tmp_path / "home"
+    code = f"""
+from pathlib import Path
+import flows.prefect_database as templates
+templates.template_path = lambda: Path({str(template)!r})
+import flows.__main__ as entry
+from prefect import flow
+
+entry.start_ephemeral_api().join()
+
+@flow
+def hello() -> str:
+    return "hello"
+
+print(hello())
+"""
+    home.mkdir()
+    out = _python(code, home)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("hello")
+    with closing(sqlite3.connect(home / "prefect.db")) as db:
+        assert db.execute("SELECT count(*) FROM visionpipe_mark").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM flow_run").fetchone() == (1,)
+    # A database that exists is never replaced, not even by a newer template.
+    before = (home / "prefect.db").read_bytes()
+    assert seed_database(home / "prefect.db", template) is False
+    assert (home / "prefect.db").read_bytes() == before
+    assert not list(home.glob(".prefect.db.*.tmp"))
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("sqlite+aiosqlite:////state/prefect/prefect.db", Path("/state/prefect/prefect.db")),
+    ("sqlite+aiosqlite:///prefect.db", Path("prefect.db")),
+    ("sqlite+aiosqlite:///:memory:", None),
+    ("sqlite+aiosqlite:///file.db?mode=ro", None),
+    ("postgresql+asyncpg://prefect@127.0.0.1:5432/prefect", None),
+    (None, None),
+])
+def test_only_an_sqlite_file_database_is_seeded(url: str | None, expected: Path | None) -> None:
+    from flows.prefect_database import ephemeral_database
+
+    assert ephemeral_database(url) == expected
