@@ -40,9 +40,10 @@ def make_template(path: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         db = Path(scratch) / path.name
-        env = {**os.environ, "PREFECT_HOME": scratch,
-               "PREFECT_API_DATABASE_CONNECTION_URL": f"{_SQLITE}{db}"}
-        env.pop("PREFECT_API_URL", None)
+        # Only this new file: never a database the environment configures (PostgreSQL, say).
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PREFECT_API_", "PREFECT_SERVER_DATABASE_"))}
+        env.update(PREFECT_HOME=scratch, PREFECT_SERVER_DATABASE_CONNECTION_URL=f"{_SQLITE}{db}")
         done = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
                               env=env, capture_output=True, text=True)
         if done.returncode != 0 or not db.is_file():

@@ -83,7 +83,7 @@ def copy_with_digest(source: Path, digest: str, path: Path) -> str:
     return digest
 
 
-def load_with_digest(path: Path, *, mmap: bool = False) -> Any:
+def load_with_digest(path: Path) -> Any:
     """``torch.load`` (weights only, onto the CPU) a file written by ``save_with_digest``,
     after checking its sha256 against the one recorded beside it."""
     sidecar = digest_path(path)
@@ -96,7 +96,7 @@ def load_with_digest(path: Path, *, mmap: bool = False) -> Any:
     actual = file_sha256(path)
     if actual != expected:
         raise DigestError(f"{path} is damaged: sha256 {actual} != recorded {expected}")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _write_digest(path: Path, digest: str, private_tmp: bool) -> None:

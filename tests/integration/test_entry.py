@@ -109,14 +109,20 @@ print("none")
     assert not (tmp_path / "prefect.db").exists()  # nor is a database seeded for it
 
 
-def test_a_new_state_folder_starts_from_the_installs_migrated_database(tmp_path: Path) -> None:
+def test_a_new_state_folder_starts_from_the_installs_migrated_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.prefect_database import make_template, seed_database
+
+    # A database the environment configures is never the one migrated into the template.
+    for name in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        monkeypatch.setenv(name, "postgresql+asyncpg://nobody@127.0.0.1:9/none")
 
     stale = tmp_path / "share" / "prefect-0.0.1.db"
     stale.parent.mkdir()
     stale.write_bytes(b"another Prefect version's")
     template = make_template(tmp_path / "share" / "prefect-test.db")  # Prefect's own migrations
     assert template.is_file() and not stale.exists()
+    monkeypatch.undo()
     with closing(sqlite3.connect(template)) as db:  # a mark that only the template carries
         db.execute("CREATE TABLE visionpipe_mark (x)")
     home = tmp_path / "home"
