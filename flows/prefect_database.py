@@ -22,16 +22,15 @@ import subprocess
 import sys
 import tempfile
 from contextlib import closing
+from importlib.metadata import version
 from pathlib import Path
-
-import prefect
 
 _SQLITE = "sqlite+aiosqlite:///"
 
 
 def template_path() -> Path:
     """Where this environment's template is, keyed on the Prefect version it was migrated by."""
-    return Path(sys.prefix) / "share" / "visionpipe" / f"prefect-{prefect.__version__}.db"
+    return Path(sys.prefix) / "share" / "visionpipe" / f"prefect-{version('prefect')}.db"
 
 
 def make_template(path: Path | None = None) -> Path:
@@ -92,4 +91,4 @@ def seed_database(database: Path, template: Path | None = None) -> bool:
 
 
 if __name__ == "__main__":
-    print(f"migrated Prefect {prefect.__version__}'s database template: {make_template()}")
+    print(f"migrated Prefect {version('prefect')}'s database template: {make_template()}")
