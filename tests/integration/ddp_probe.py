@@ -12,11 +12,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from visionpipe.config import GoogLeNetConfig
+from visionpipe.data import build_loader
 from visionpipe.models import build_googlenet
 from visionpipe.training.distributed import distributed
 from visionpipe.training.loop import classification_loss, train_one_epoch
 from visionpipe.training.syncbn import convert_sync_batchnorm
-from visionpipe.training.worker import build_ddp_model, build_train_loader
+from visionpipe.training.worker import build_ddp_model, build_train_loader, validate
 
 
 def shards(out: Path) -> None:
@@ -78,9 +79,41 @@ def syncbn(out: Path, batch: int) -> None:
             torch.save({"reference": ref, **results}, out / "grads.pt")
 
 
+def validation(out: Path, count: int) -> None:
+    """Each rank validates its share of ``count`` images, with BatchNorm statistics of its own.
+
+    The labels agree with rank 0's model on the first ``count // 2 + 1`` images only, so the
+    top-1 of rank 0's model over all images, each counted once, is (count // 2 + 1) / count.
+    """
+    with distributed() as ctx:
+        torch.manual_seed(0)
+        model = build_googlenet(10, small_input_stem=True)
+        images = torch.randint(0, 255, (count, 3, 32, 32), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(1))
+        whole = torch.cat([x for x, _ in build_loader(
+            images, torch.zeros(count, dtype=torch.int64), 8, shuffle=False, augment=False, seed=0)])
+        nn.init.normal_(model.fc.weight, std=1.0)  # a fresh head's logits are all but equal
+        with torch.no_grad():
+            model.train()(whole)  # running statistics of these images, so that they matter
+            predicted = model.eval()(whole).argmax(1)
+        right = count // 2 + 1
+        labels = torch.where(torch.arange(count) < right, predicted, (predicted + 1) % 10)
+        with torch.no_grad():  # what DDP leaves after an epoch: each rank's own statistics
+            for name, buffer in model.named_buffers():
+                if name.endswith("running_mean"):
+                    buffer.add_(0.5 * ctx.rank)  # changes every prediction here
+        share = build_loader(images[ctx.rank::ctx.world_size], labels[ctx.rank::ctx.world_size],
+                             4, shuffle=False, augment=False, seed=0)
+        top1 = validate(model, share, nn.CrossEntropyLoss(), ctx)
+        (out / f"validation-{ctx.rank}.json").write_text(json.dumps(
+            {"top1": top1, "expected": right / count, "share": len(labels[ctx.rank::ctx.world_size])}))
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[2])
     if sys.argv[1] == "shards":
         shards(target)
+    elif sys.argv[1] == "validation":
+        validation(target, int(sys.argv[3]))
     else:
         syncbn(target, int(sys.argv[3]))

@@ -26,9 +26,9 @@ def _torchrun_script(args: list[str], nproc: int = 2) -> list[str]:
             "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--tee=3", str(PROBE), *args]
 
 
-def _run(cmd: list[str]) -> list[tuple[int | None, str]]:
+def _run(cmd: list[str], nproc: int = 2) -> list[tuple[int | None, str]]:
     lines: list[tuple[int | None, str]] = []
-    run_torchrun(cmd, 300, lambda rank, line: lines.append((rank, line)), env=worker_env(2))
+    run_torchrun(cmd, 300, lambda rank, line: lines.append((rank, line)), env=worker_env(nproc))
     return lines
 
 
@@ -59,6 +59,18 @@ def test_syncbn_step_on_two_ranks_matches_one_process_with_the_double_batch(tmp_
     assert worst(sync) < 1e-5
     # Without synchronised BatchNorm each rank normalises by its own batch: the check must fail.
     assert worst(plain) > 1e-2
+
+
+@pytest.mark.parametrize("nproc,count", [(2, 23), (3, 2)])
+def test_ranks_validate_their_own_shares_of_rank_zeros_model(
+    tmp_path: Path, nproc: int, count: int
+) -> None:
+    """Every image is scored once, by rank 0's model, however the split divides over the ranks
+    (with 3 ranks and 2 images, rank 2's share is empty)."""
+    _run(_torchrun_script(["validation", str(tmp_path), str(count)], nproc), nproc)
+    results = [json.loads((tmp_path / f"validation-{rank}.json").read_text()) for rank in range(nproc)]
+    assert sum(r["share"] for r in results) == count
+    assert [r["top1"] for r in results] == [results[0]["expected"]] * nproc
 
 
 @pytest.fixture()

@@ -110,3 +110,31 @@ def test_each_rank_streams_the_shard_and_crops_it_would_slice_from_memory(
         seen.append(torch.cat([y for _, y in per_path[0]]))
     # The two shards together are the split, each image once.
     assert sum(len(s) for s in seen) == tiny_digits.split_counts["train"]
+
+
+def test_each_rank_validates_its_own_share_streamed_or_from_memory(
+        tiny_digits: PreparedDataset) -> None:
+    from visionpipe.training.distributed import DistContext
+    from visionpipe.training.worker import _batches
+
+    count = tiny_digits.split_counts["val"]
+    _, whole = load_split(tiny_digits, "val")
+    for world in (2, count + 1):  # in the larger world the last rank's share is empty
+        shares = []
+        for rank in range(world) if world == 2 else (0, count):
+            ctx = DistContext(rank, 0, world, CPU, rank == 0)
+            per_path = []
+            for streaming in (False, True):
+                cfg = GoogLeNetConfig(batch_size=4, fast=FastPathConfig(streaming=streaming,
+                                                                         num_workers=0))
+                _, val = _batches(tiny_digits, cfg, ctx, cfg.fast.resolve("cpu"))
+                per_path.append(list(val))
+            assert _same(per_path[1], per_path[0])
+            labels = [y for _, y in per_path[0]]
+            shares.append(torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64))
+        if world == 2:  # image i on rank i % 2: the two shares are the split, each image once
+            assert torch.equal(torch.stack([shares[0][:len(shares[1])], shares[1]], 1).reshape(-1),
+                               whole[:2 * len(shares[1])])
+            assert len(shares[0]) + len(shares[1]) == count
+        else:
+            assert torch.equal(shares[0], whole[:1]) and len(shares[1]) == 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -118,7 +118,7 @@ class StreamingLoader:
 
     def __init__(self, prepared: PreparedDataset, split: str, batch_size: int, *, shuffle: bool,
                  augment: bool, seed: int, device: torch.device,
-                 sampler: Sampler[int] | None = None, num_workers: int | None = None,
+                 sampler: Iterable[int] | None = None, num_workers: int | None = None,
                  decode_on_device: bool = False, flip: bool = True, drop_last: bool = False) -> None:
         self.device, self.seed, self.image_size = device, seed, prepared.image_size
         self.decode_on_device = decode_on_device
@@ -131,7 +131,9 @@ class StreamingLoader:
         else:
             dataset = ManifestImageDataset.from_prepared(prepared, split)
             self.all_jpeg = False
-        self.sampler: Sampler[int] = sampler or EpochShuffle(len(dataset), seed, shuffle)  # type: ignore[arg-type]
+        # ``is None``: an empty share (a rank of a world larger than the split) stays empty.
+        self.sampler: Iterable[int] = (EpochShuffle(len(dataset), seed, shuffle)  # type: ignore[arg-type]
+                                       if sampler is None else sampler)
         workers = default_workers() if num_workers is None else num_workers
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,

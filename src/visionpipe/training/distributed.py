@@ -76,13 +76,16 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return reduced.cpu()
 
 
-def broadcast_float(value: float, ctx: DistContext) -> float:
-    """Rank 0's value on every rank."""
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Rank 0's buffers on every rank: BatchNorm's running statistics, as rank 0 saves them.
+
+    DDP copies them from rank 0 at the start of each forward, so after an epoch every rank holds
+    the statistics of its own last batch; a rank that validates must hold rank 0's.
+    """
     if not ctx.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
-    dist.broadcast(t, src=0)
-    return float(t.item())
+        return
+    for work in [dist.broadcast(b, src=0, async_op=True) for b in module.buffers()]:
+        work.wait()  # type: ignore[union-attr]
 
 
 def gather_strings(value: str, ctx: DistContext) -> list[str]:

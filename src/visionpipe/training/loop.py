@@ -197,6 +197,8 @@ def predict_logits(
         with _autocast(device, fast):
             outs.append(model(images).float())
         targets.append(labels)
+    if not outs:  # no batches: a DDP rank's share of a split smaller than the world
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
     # One copy to the host at the end: a copy per batch would wait for each batch in turn.
     return torch.cat(outs).cpu(), torch.cat([t.cpu() for t in targets])
 
@@ -212,7 +214,9 @@ def evaluate(
     start = time.perf_counter()
     logits, labels = predict_logits(model, batches, device, fast)
     n = labels.shape[0]
-    loss = criterion(logits, labels).item() * n if n else 0.0
+    if not n:
+        return EpochStats(seconds=time.perf_counter() - start)
+    loss = criterion(logits, labels).item() * n
     correct = int((logits.argmax(1) == labels).sum())
     return EpochStats(loss, correct, n, time.perf_counter() - start)
 

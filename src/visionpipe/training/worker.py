@@ -38,7 +38,7 @@ from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
 from visionpipe.training.distributed import (
     DistContext,
     all_reduce_sum,
-    broadcast_float,
+    broadcast_buffers,
     distributed,
     gather_strings,
     nodes_in_world,
@@ -201,7 +201,7 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
             state.step = 0
             train = EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds)
             val_start = time.perf_counter()
-            val_top1 = broadcast_float(_validate(trainer.model, val_loader, criterion, ctx), ctx)
+            val_top1 = validate(trainer.model, val_loader, criterion, ctx)
             _end_epoch(trainer, epoch, train, val_top1, time.perf_counter() - val_start)
     out_dir = Path(job.out_dir)
     return TrainResult(best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
@@ -231,17 +231,19 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
              fast: FastPath) -> tuple[Callable[[int], Batches], Batches]:
-    """This rank's training batches of an epoch, and the validation batches.
+    """This rank's training batches of an epoch, and its share of the validation split.
 
-    In memory (small datasets, on the GPU with the fast path), or streamed from disk by
+    Rank r validates images r, r + world, r + 2 world, ...: every image once on one rank (a
+    DistributedSampler would repeat some to even the shards out, and count them twice). In memory (small datasets, on the GPU with the fast path), or streamed from disk by
     DataLoader workers when the training split is larger than ``fast.memory_limit_gb``.
     """
     if not cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
         train_x, train_y = load_split(dataset, "train")
         if fast.data_on_device:  # small datasets stay on the GPU; batches are sliced there
             train_x, train_y = train_x.to(ctx.device), train_y.to(ctx.device)
-        val = build_loader(*load_split(dataset, "val"), batch_size=cfg.batch_size * 2,
-                           shuffle=False, augment=False, seed=0)
+        val_x, val_y = load_split(dataset, "val")
+        val = build_loader(val_x[ctx.rank::ctx.world_size], val_y[ctx.rank::ctx.world_size],
+                           batch_size=cfg.batch_size * 2, shuffle=False, augment=False, seed=0)
         return lambda epoch: build_train_loader(train_x, train_y, cfg, ctx, epoch)[0], val
     count = dataset.split_counts["train"]
     sampler = (DistributedSampler(range(count), num_replicas=ctx.world_size,  # type: ignore[arg-type]
@@ -251,8 +253,9 @@ def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
                "decode_on_device": fast.decode_on_device}
     train = StreamingLoader(dataset, "train", cfg.batch_size, shuffle=True, augment=cfg.augment,
                             seed=cfg.seed, sampler=sampler, flip=False, **options)  # type: ignore[arg-type]
+    val_share = range(ctx.rank, dataset.split_counts["val"], ctx.world_size)
     val = StreamingLoader(dataset, "val", cfg.batch_size * 2, shuffle=False, augment=False, seed=0,
-                          **options)  # type: ignore[arg-type]
+                          sampler=val_share, **options)  # type: ignore[arg-type]
 
     def epoch_batches(epoch: int) -> Batches:
         # The shuffle and the crops of the in-memory path's epoch.
@@ -364,11 +367,15 @@ def _preempt(trainer: _Trainer, steps_done: int) -> None:
     raise Preempted
 
 
-def _validate(model: nn.Module, loader: object, criterion: nn.Module, ctx: DistContext) -> float:
-    """Rank 0 scores the whole validation split; the other ranks wait for its broadcast."""
-    if not ctx.is_main:
-        return 0.0
-    return evaluate(model, loader, criterion, ctx.device).top1  # type: ignore[arg-type]
+def validate(model: nn.Module, share: Batches, criterion: nn.Module, ctx: DistContext) -> float:
+    """Top-1 of rank 0's model over the validation split, each rank scoring its own share.
+
+    Rank 0's BatchNorm statistics go to every rank first, so all score the model rank 0 saves;
+    the sums of correct answers and of images are then added up over the ranks.
+    """
+    broadcast_buffers(model, ctx)
+    local = evaluate(model, share, criterion, ctx.device)
+    return EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds).top1
 
 
 def _save(trainer: _Trainer, improved: bool) -> None:
