@@ -284,3 +284,38 @@ def test_a_compiled_fine_tune_trains_with_a_short_last_batch(tiny_digits: Prepar
                          phases=[Phase(name="full", trainable=["*"], epochs=1, lr=0.01)])
     result = finetune(cfg, tiny_digits, _random_weights(tmp_path), tmp_path / "out")
     assert result.epochs_run == 1 and math.isfinite(result.history[0]["train_loss"])
+
+
+def test_a_lone_last_training_image_is_left_out_where_batchnorm_could_not_take_it(
+    tiny_digits: PreparedDataset, tmp_path: Path
+) -> None:
+    """ResNet's last stage is 1 x 1 at 32 px: a batch of one image cannot be batch-normalised."""
+    count = tiny_digits.split_counts["train"]
+    weights = _random_weights(tmp_path)
+    full = FinetuneConfig(arch="resnet18", batch_size=count - 1,
+                          phases=[Phase(name="full", trainable=["*"], epochs=1, lr=0.02)])
+    result = finetune(full, tiny_digits, weights, tmp_path / "full")
+    assert load_checkpoint(Path(result.last_checkpoint))["scheduler"]["last_epoch"] == 1
+    heads = []
+    for cached in (True, False):  # the frozen phase's feature cache leaves out the same image
+        cfg = FinetuneConfig(arch="resnet18", batch_size=count - 1, cache_frozen_features=cached,
+                             phases=[Phase(name="head", trainable=["fc"], epochs=2, lr=0.05)])
+        result = finetune(cfg, tiny_digits, weights, tmp_path / f"head-{cached}")
+        heads.append(load_checkpoint(Path(result.last_checkpoint)))
+    assert [h["scheduler"]["last_epoch"] for h in heads] == [2, 2], "one step per epoch"
+    torch.testing.assert_close(heads[0]["model"]["fc.weight"], heads[1]["model"]["fc.weight"],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_every_rank_leaves_out_its_lone_last_image_alike() -> None:
+    from visionpipe.config import GoogLeNetConfig
+    from visionpipe.training.distributed import DistContext
+    from visionpipe.training.worker import build_train_loader
+
+    images = torch.zeros(21, 3, 8, 8, dtype=torch.uint8)  # 11 per rank: DistributedSampler pads
+    for rank in (0, 1):
+        ctx = DistContext(rank, 0, 2, torch.device("cpu"), rank == 0)
+        loader, _ = build_train_loader(images, torch.arange(21), GoogLeNetConfig(batch_size=5), ctx)
+        assert [len(y) for _, y in loader] == [5, 5], "the same steps on every rank"
+        loader, _ = build_train_loader(images, torch.arange(21), GoogLeNetConfig(batch_size=4), ctx)
+        assert [len(y) for _, y in loader] == [4, 4, 3]

@@ -228,6 +228,23 @@ class BatchIterator:
             yield self.transform.batch(self.images[index], self.labels[index])
 
 
+def drops_lone_last(count: int, batch_size: int) -> bool:
+    """Whether a training epoch of ``count`` images leaves out its last batch: it would hold one image.
+
+    BatchNorm in training mode cannot normalise a single value per channel, which is what one
+    image gives where the feature maps are 1 x 1 (a ResNet's last stage at 32 x 32 pixels). The
+    epoch's shuffle leaves out another image each time.
+    """
+    return batch_size > 1 and count % batch_size == 1
+
+
+def training_batches(count: int, batch_size: int) -> int:
+    """The batches of a training epoch of ``count`` images (see :func:`drops_lone_last`)."""
+    if drops_lone_last(count, batch_size):
+        return count // batch_size
+    return -(-count // batch_size)
+
+
 def build_loader(
     images_u8: torch.Tensor,
     labels: torch.Tensor,

@@ -14,6 +14,7 @@ from torch import nn
 
 from visionpipe.config import FastPath, FinetuneConfig, Phase, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
+from visionpipe.data.loading import drops_lone_last, training_batches
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
 from visionpipe.models import (
     ModelSpec,
@@ -52,7 +53,7 @@ class _Data:
     device: torch.device  # where the batches are delivered
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     dataset: PreparedDataset | None = None  # streamed from its files when ``splits`` is empty
-    streams: dict[tuple[str, int, bool, bool], StreamingLoader] = field(default_factory=dict)
+    streams: dict[tuple[str, int, bool, bool, bool], StreamingLoader] = field(default_factory=dict)
 
     @property
     def streaming(self) -> bool:
@@ -65,19 +66,19 @@ class _Data:
         return self.dataset.split_counts[split]
 
     def loader(self, split: str, batch_size: int, *, shuffle: bool, augment: bool,
-               seed: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+               seed: int, drop_last: bool = False) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of ``split``; ``seed`` picks the shuffle and the crops, as in memory."""
         if self.splits:
             return build_loader(*self.splits[split], batch_size=batch_size, shuffle=shuffle,
-                                augment=augment, seed=seed)
-        key = (split, batch_size, shuffle, augment)
+                                augment=augment, seed=seed, drop_last=drop_last)
+        key = (split, batch_size, shuffle, augment, drop_last)
         assert self.dataset is not None
         if key not in self.streams:  # one loader per kind: its workers persist across epochs
             fast = self.cfg.fast
             self.streams[key] = StreamingLoader(
                 self.dataset, split, batch_size, shuffle=shuffle, augment=augment, seed=0,
                 device=self.device, num_workers=fast.num_workers,
-                decode_on_device=fast.decode_on_device)
+                decode_on_device=fast.decode_on_device, drop_last=drop_last)
         stream = self.streams[key]
         stream.set_epoch(0, seed=seed)  # seeded like the in-memory path: the same batches
         return stream
@@ -225,7 +226,7 @@ def _run_phase(run: _Run, index: int, phase: Phase, resume: dict[str, Any] | Non
     optimizer = build_optimizer(
         param_groups(model, cfg.arch, phase.lr, phase.backbone_lr_fraction), cfg.optim, run.device
     )
-    steps = math.ceil(math.ceil(run.data.count("train") / cfg.batch_size) / cfg.grad_accumulation)
+    steps = math.ceil(training_batches(run.data.count("train"), cfg.batch_size) / cfg.grad_accumulation)
     scheduler = warmup_cosine(optimizer, phase.epochs * steps, int(phase.warmup_epochs * steps))
     first = 1
     if resume is not None:
@@ -286,7 +287,8 @@ def _phase_batches(model: nn.Module, cfg: FinetuneConfig, data: _Data, device: t
 
     def train(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         return data.loader("train", cfg.batch_size, shuffle=True, augment=cfg.augment,
-                           seed=cfg.seed + epoch)
+                           seed=cfg.seed + epoch,
+                           drop_last=drops_lone_last(data.count("train"), cfg.batch_size))
 
     val = data.loader("val", cfg.batch_size, shuffle=False, augment=False, seed=0)
     return _Batches(model, model, train, val)
@@ -304,7 +306,9 @@ def _feature_batches(model: nn.Module, cfg: FinetuneConfig, data: _Data, device:
     def train(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         # The same order as the image batches of this epoch (BatchIterator's first shuffle).
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        return [(train_x[i], train_y[i]) for i in order.to(train_x.device).split(cfg.batch_size)]
+        chunks = order.to(train_x.device).split(cfg.batch_size)
+        keep = training_batches(len(train_y), cfg.batch_size)  # a lone last image is left out there
+        return [(train_x[i], train_y[i]) for i in chunks[:keep]]
 
     val = [(x, y) for x, y in zip(val_x.split(cfg.batch_size), val_y.split(cfg.batch_size), strict=True)]
     return _Batches(head, head, train, val)

@@ -31,7 +31,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 from visionpipe import faults, tracking
 from visionpipe.config import FastPath, GoogLeNetConfig, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
-from visionpipe.data.loading import BatchIterator
+from visionpipe.data.loading import BatchIterator, drops_lone_last
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
 from visionpipe.models import ModelSpec, build_googlenet
 from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
@@ -88,8 +88,11 @@ def build_train_loader(images: torch.Tensor, labels: torch.Tensor, cfg: GoogLeNe
     if sampler is not None:
         sampler.set_epoch(epoch)  # the same permutation on every rank, a new one each epoch
     # Augmentation is seeded per epoch and rank, so a resumed epoch sees the same crops.
+    # DistributedSampler gives every rank as many images, so all ranks drop a lone last one.
+    count = len(sampler) if sampler is not None else len(labels)
     loader = build_loader(images, labels, cfg.batch_size, shuffle=True, augment=cfg.augment,
-                          seed=cfg.seed + 7919 * epoch + ctx.rank, sampler=sampler, flip=False)
+                          seed=cfg.seed + 7919 * epoch + ctx.rank, sampler=sampler, flip=False,
+                          drop_last=drops_lone_last(count, cfg.batch_size))
     return loader, sampler
 
 
@@ -252,7 +255,9 @@ def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
     options = {"device": ctx.device, "num_workers": cfg.fast.num_workers,
                "decode_on_device": fast.decode_on_device}
     train = StreamingLoader(dataset, "train", cfg.batch_size, shuffle=True, augment=cfg.augment,
-                            seed=cfg.seed, sampler=sampler, flip=False, **options)  # type: ignore[arg-type]
+                            seed=cfg.seed, sampler=sampler, flip=False,
+                            drop_last=drops_lone_last(len(sampler) if sampler is not None else count, cfg.batch_size),
+                            **options)  # type: ignore[arg-type]
     val_share = range(ctx.rank, dataset.split_counts["val"], ctx.world_size)
     val = StreamingLoader(dataset, "val", cfg.batch_size * 2, shuffle=False, augment=False, seed=0,
                           sampler=val_share, **options)  # type: ignore[arg-type]
