@@ -17,7 +17,7 @@ from visionpipe.models import build_googlenet
 from visionpipe.training.distributed import distributed
 from visionpipe.training.loop import classification_loss, train_one_epoch
 from visionpipe.training.syncbn import convert_sync_batchnorm
-from visionpipe.training.worker import build_ddp_model, build_train_loader, validate
+from visionpipe.training.worker import _check_same_checkpoint, build_ddp_model, build_train_loader, validate
 
 
 def shards(out: Path) -> None:
@@ -109,10 +109,24 @@ def validation(out: Path, count: int) -> None:
             {"top1": top1, "expected": right / count, "share": len(labels[ctx.rank::ctx.world_size])}))
 
 
+def resume_check(out: Path) -> None:
+    """Rank 0 found a checkpoint, rank 1 none (a node whose copy of the shared folder lacks it)."""
+    with distributed(timeout_s=30) as ctx:
+        saved = {"epoch": 2, "step": 0} if ctx.is_main else None
+        try:
+            _check_same_checkpoint(saved, ctx)
+            outcome = "resumed"
+        except RuntimeError as exc:
+            outcome = str(exc)
+        (out / f"resume-{ctx.rank}.json").write_text(json.dumps(outcome))
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[2])
     if sys.argv[1] == "shards":
         shards(target)
+    elif sys.argv[1] == "resume_check":
+        resume_check(target)
     elif sys.argv[1] == "validation":
         validation(target, int(sys.argv[3]))
     else:

@@ -73,6 +73,13 @@ def test_ranks_validate_their_own_shares_of_rank_zeros_model(
     assert [r["top1"] for r in results] == [results[0]["expected"]] * nproc
 
 
+def test_ranks_that_found_a_checkpoint_and_none_both_stop_with_the_reason(tmp_path: Path) -> None:
+    _run(_torchrun_script(["resume_check", str(tmp_path)]))
+    for rank in (0, 1):
+        outcome = json.loads((tmp_path / f"resume-{rank}.json").read_text())
+        assert "different checkpoints" in outcome and "['2:0', 'none']" in outcome
+
+
 @pytest.fixture()
 def tiny_job(vp_home: Path, tmp_path: Path) -> tuple[WorkerJob, Path]:
     dataset = prepare_dataset(DataConfig(max_per_class=10))

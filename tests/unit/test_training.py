@@ -319,3 +319,33 @@ def test_every_rank_leaves_out_its_lone_last_image_alike() -> None:
         assert [len(y) for _, y in loader] == [5, 5], "the same steps on every rank"
         loader, _ = build_train_loader(images, torch.arange(21), GoogLeNetConfig(batch_size=4), ctx)
         assert [len(y) for _, y in loader] == [4, 4, 3]
+
+
+def test_a_schedule_resumed_in_another_world_size_goes_on_where_its_epochs_left_it(
+    tiny_digits: PreparedDataset, tmp_path: Path
+) -> None:
+    from visionpipe.config import GoogLeNetConfig
+    from visionpipe.training.checkpoint import save_checkpoint
+    from visionpipe.training.distributed import DistContext
+    from visionpipe.training.worker import WorkerJob, _build_trainer, _save
+
+    cfg = GoogLeNetConfig(epochs=4, batch_size=16, warmup_epochs=0)
+    job = WorkerJob(config=cfg, dataset=tiny_digits, out_dir=str(tmp_path),
+                    result_path=str(tmp_path / "result.json"))
+    alone = DistContext(0, 0, 1, torch.device("cpu"), True)
+    fast = cfg.fast.resolve("cpu")
+    # What a world of 2 leaves after 2 of its 4 epochs of 3 steps each.
+    trainer = _build_trainer(job, alone, 3, fast)
+    for _ in range(2 * 3):
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    trainer.state.epoch = 2
+    trainer.state.history.append({"val_top1": 0.0})
+    _save(trainer, improved=False)
+    state = load_checkpoint(tmp_path / "last.pt")
+    save_checkpoint({**state, "world_size": 2}, tmp_path / "last.pt")
+    # Alone, an epoch has twice the steps: half the run is 2 x 6 steps, half-way down the cosine.
+    resumed = _build_trainer(job, alone, 6, fast)
+    assert resumed.scheduler.last_epoch == 12
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.5)
+    assert resumed.scheduler.get_last_lr() == [pytest.approx(cfg.lr * 0.5)]

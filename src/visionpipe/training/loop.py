@@ -249,6 +249,22 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def place_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, steps_done: int) -> None:
+    """Put a restored schedule at ``steps_done`` optimizer steps of this run's own count.
+
+    A checkpoint's schedule counts the steps of the run that wrote it. With another world size
+    an epoch has another number of steps, and that count would put the schedule elsewhere in
+    its cosine (past its end, at a learning rate of zero, when the world shrinks).
+    """
+    scheduler.last_epoch = steps_done
+    rates = [base * factor(steps_done)
+             for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports
+
+
+
 def pick_device(requested: str) -> torch.device:
     """``auto`` is CUDA when present, else the CPU; asking for CUDA without one is an error."""
     if requested == "cuda" and not torch.cuda.is_available():

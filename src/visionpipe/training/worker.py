@@ -50,6 +50,7 @@ from visionpipe.training.loop import (
     build_optimizer,
     evaluate,
     maybe_compile,
+    place_schedule,
     train_one_epoch,
     warmup_cosine,
 )
@@ -277,6 +278,7 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast:
     spec = ModelSpec(arch="googlenet", num_classes=dataset.num_classes, class_names=dataset.class_names,
                      image_size=dataset.image_size, small_input_stem=cfg.small_input_stem)
     saved = latest_checkpoint(Path(job.out_dir))  # every rank reads rank 0's files
+    _check_same_checkpoint(saved, ctx)  # on every rank, with a checkpoint or without
     state = _State()
     if saved is not None:
         before = _check_resumable(saved, cfg)
@@ -288,7 +290,6 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast:
             log.warning("world size changed from %d to %d: epoch %d restarts from its first step",
                         saved["world_size"], ctx.world_size, saved["epoch"] + 1)
             step = 0
-        _check_same_checkpoint(saved, ctx)
         state = _State(epoch=saved["epoch"], step=step, best=progress["best"],
                        best_epoch=progress["best_epoch"], history=list(progress["history"]),
                        resumed_from_epoch=saved["epoch"])
@@ -302,14 +303,17 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast:
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        place_schedule(scheduler, state.epoch * steps_per_epoch + state.step // cfg.grad_accumulation)
     return _Trainer(job, ctx, model, ddp_model, optimizer, scheduler, spec, state)
 
 
-def _check_same_checkpoint(saved: dict[str, Any], ctx: DistContext) -> None:
-    """Every rank must resume from the same checkpoint (on S3 each node reads its own copy)."""
-    seen = gather_strings(f"{saved['epoch']}:{saved['step']}", ctx)
+def _check_same_checkpoint(saved: dict[str, Any] | None, ctx: DistContext) -> None:
+    """Every rank must resume from the same checkpoint, or all start afresh (on S3 each node
+    reads its own copy). A collective: every rank calls it, having found a checkpoint or not."""
+    seen = gather_strings("none" if saved is None else f"{saved['epoch']}:{saved['step']}", ctx)
     if len(set(seen)) > 1:
-        raise RuntimeError(f"the ranks found different checkpoints (epoch:step per rank: {seen}); "
+        raise RuntimeError(f"the ranks found different checkpoints (epoch:step per rank, 'none' "
+                           f"for no checkpoint: {seen}); "
                            "the shared folder changed while the nodes started. A retry reads it "
                            "again")
 
