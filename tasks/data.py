@@ -29,11 +29,10 @@ def _dataset_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 def prepare_dataset_task(cfg: DataConfig) -> PreparedDataset:
     """Materialise the source, validate every image, split it and write a versioned manifest."""
     dataset = prepare_dataset(cfg)
-    report = json.loads(open(dataset.report_path).read())
-    excluded = report.get("excluded", [])
+    excluded, markdown = dataset_report(dataset)
     run_logger().info("dataset %s version %s: %s; %d file(s) excluded", dataset.name,
                       dataset.version, dataset.split_counts, len(excluded))
-    create_markdown_artifact(key="dataset-report", markdown=_report_markdown(dataset, excluded),
+    create_markdown_artifact(key="dataset-report", markdown=markdown,
                              description=f"{dataset.name} {dataset.version}")
     return dataset
 
@@ -56,6 +55,17 @@ def log_dataset(dataset: PreparedDataset, context: TrackingContext) -> None:
     tracking.set_tags(context.parent_run_id, {"dataset_version": dataset.version,
                                               "dataset_name": dataset.name})
     tracking.log_artifact(context.parent_run_id, Path(dataset.report_path), "dataset")
+
+
+def dataset_report(dataset: PreparedDataset) -> tuple[list[dict[str, str]], str]:
+    """The files validation excluded, read from the dataset's report.json, and its markdown.
+
+    prepare_dataset writes them under ``report["validation"]["excluded"]`` (one
+    ``{"path", "reason"}`` per file), not at the top level.
+    """
+    report = json.loads(Path(dataset.report_path).read_text())
+    excluded = list(report.get("validation", {}).get("excluded", []))
+    return excluded, _report_markdown(dataset, excluded)
 
 
 def _report_markdown(dataset: PreparedDataset, excluded: list[Any]) -> str:

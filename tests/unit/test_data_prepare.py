@@ -117,6 +117,46 @@ def test_split_is_stratified_and_independent_of_listing_order() -> None:
     assert dataset_version(other) != dataset_version(manifest)
 
 
+def _moved(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
+    """Images in both manifests whose split differs, with their two splits."""
+    both = before.merge(after, on=["path", "class_name"], suffixes=("_before", "_after"))
+    return both[both["split_before"] != both["split_after"]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adding_or_removing_one_image_keeps_every_other_image_in_its_split(seed: int) -> None:
+    counts = {"a": 40, "b": 23, "c": 11, "d": 7}
+    records = _records(counts)
+    before = build_manifest(records, seed, 0.15, 0.2)
+    added = records + [ImageRecord(f"{c}/new.png", f"/data/{c}/new.png", c, f"new-{c}", 8, 8)
+                       for c in counts]
+    removed = [r for r in records if not r.relpath.endswith("/0003.png")]
+    for after in (build_manifest(versions, seed, 0.15, 0.2) for versions in (added, removed)):
+        moved = _moved(before, after)
+        # Only the images at the test/val and val/train boundaries can move: the split counts
+        # change by one at most each, so at most 1 + 2 images per class; never train <-> test.
+        assert (moved.groupby("class_name").size() <= 3).all()
+        assert not (moved["split_before"].isin(["train", "test"])
+                    & moved["split_after"].isin(["train", "test"])).any()
+        assert len(moved) <= 6  # of 77 images the other 71+ keep their split
+    # The counts stay those of round-half-up fractions, at least one per split.
+    sizes = build_manifest(added, seed, 0.15, 0.2).groupby(["class_name", "split"]).size()
+    assert sizes.unstack().loc["d"].to_dict() == {"test": 2, "train": 5, "val": 1}
+
+
+def test_a_class_too_small_for_the_fractions_is_named_with_its_counts() -> None:
+    records = _records({"big": 40, "small": 6})
+    with pytest.raises(DatasetError) as raised:
+        build_manifest(records, 0, val_fraction=0.45, test_fraction=0.45)
+    message = str(raised.value)
+    assert "class 'small' has 6 images" in message
+    assert "data.val_fraction=0.45 gives 3 val" in message
+    assert "data.test_fraction=0.45 gives 3 test" in message
+    assert "leaving 0 for train" in message
+    assert "lower data.val_fraction and/or data.test_fraction" in message
+    assert "min_per_class to 3" not in message
+
+
 def test_version_ignores_row_order_and_source_location() -> None:
     manifest = build_manifest(_records({"a": 5, "b": 5}), 0, 0.2, 0.2)
     moved = manifest.assign(source=manifest["source"].str.replace("/data", "/mnt/copy"))

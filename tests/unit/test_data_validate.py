@@ -115,3 +115,15 @@ def test_class_below_minimum_is_named(tmp_path: Path, vp_home: Path) -> None:
 def test_unknown_source_is_refused(tmp_path: Path, vp_home: Path) -> None:
     with pytest.raises(DatasetError, match="not 'digits', 'cifar10', s3://"):
         prepare_dataset(DataConfig(source=str(tmp_path / "missing")))
+
+
+def test_the_task_reports_the_files_validation_excluded(dirty_folder: Path, vp_home: Path) -> None:
+    from tasks.data import dataset_report
+
+    prepared = prepare_dataset(DataConfig(source=str(dirty_folder), min_per_class=3))
+    excluded, markdown = dataset_report(prepared)
+    assert len(excluded) == 8
+    assert {"path": "dog/empty.png", "reason": "empty file"} in excluded
+    assert "## Excluded files" in markdown
+    assert "| cat/truncated.png | corrupt or truncated" in markdown
+    assert "| dog/copy.png | duplicate of dog/000.png |" in markdown

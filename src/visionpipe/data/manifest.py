@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from visionpipe.data.errors import DatasetError
@@ -33,14 +32,19 @@ _SCHEMA = "visionpipe-manifest/1"  # bump when the meaning of a column changes
 def build_manifest(
     records: Sequence[ImageRecord], seed: int, val_fraction: float, test_fraction: float
 ) -> pd.DataFrame:
-    """Label records (classes sorted by name -> 0..K-1) and split each class by the seed."""
+    """Label records (classes sorted by name -> 0..K-1) and split each class by the seed.
+
+    See :func:`split_class`: each class is split on its own (stratified), and an image's split
+    depends on its content, its class and the seed, so a new dataset version that adds or
+    removes a few images keeps every other image in the split it had.
+    """
     by_class: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in sorted(records, key=lambda r: r.relpath):
         by_class[record.class_name].append(record)
     rows: list[dict[str, Any]] = []
     for label, name in enumerate(sorted(by_class)):
         group = by_class[name]
-        splits = split_class(len(group), _class_seed(seed, name), val_fraction, test_fraction)
+        splits = split_class(name, group, seed, val_fraction, test_fraction)
         rows += [{"path": r.relpath, "source": r.source, "label": label, "class_name": name,
                   "split": split, "sha256": r.sha256, "width": r.width, "height": r.height}
                  for r, split in zip(group, splits, strict=True)]
@@ -48,23 +52,54 @@ def build_manifest(
     return frame.astype({"label": "int64", "width": "int64", "height": "int64"})
 
 
-def split_class(n: int, seed: int, val_fraction: float, test_fraction: float) -> list[str]:
-    """Split names for ``n`` items of one class, at least one per split; stratified by design."""
-    n_test = max(1, math.floor(n * test_fraction + 0.5))
-    n_val = max(1, math.floor(n * val_fraction + 0.5))
+def split_class(
+    class_name: str, records: Sequence[ImageRecord], seed: int,
+    val_fraction: float, test_fraction: float,
+) -> list[str]:
+    """Split names ("train", "val" or "test") for the images of one class, in ``records`` order.
+
+    The counts are ``round(n * fraction)`` (halves up) for test and val, at least one each, and
+    the rest for train, which must keep one image at least. Which images go where is decided
+    by a key per image, sha256 of ``"{seed}/{class_name}/{image sha256}"`` (the path breaks
+    ties): in key order, the first ``n_test`` images are test, the next ``n_val`` val, the rest
+    train. Adding or removing one image therefore moves only the images next to the two
+    boundaries (three at most, and never between train and test), where a permutation of
+    ``range(n)`` would reshuffle the whole class and put images an earlier model trained on
+    into today's test split.
+    """
+    n = len(records)
+    n_test = _split_size(n, test_fraction)
+    n_val = _split_size(n, val_fraction)
     if n - n_test - n_val < 1:
-        raise DatasetError(f"a class with {n} images cannot fill train, val and test; "
-                           "Fix: raise data.min_per_class to 3 or more.")
-    names = np.array(["train"] * n, dtype=object)
-    order = np.random.default_rng(seed).permutation(n)
-    names[order[:n_test]] = "test"
-    names[order[n_test:n_test + n_val]] = "val"
-    return [str(name) for name in names]
+        raise DatasetError(_too_small_message(class_name, n, val_fraction, test_fraction))
+    order = sorted(range(n), key=lambda i: (_split_key(seed, class_name, records[i].sha256),
+                                            records[i].relpath))
+    names = ["train"] * n
+    for rank, index in enumerate(order):
+        if rank < n_test:
+            names[index] = "test"
+        elif rank < n_test + n_val:
+            names[index] = "val"
+    return names
 
 
-def _class_seed(seed: int, class_name: str) -> int:
-    """A per-class seed, so one class's split does not depend on which other classes exist."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{class_name}".encode()).digest()[:8], "big")
+def _split_size(n: int, fraction: float) -> int:
+    """``n * fraction`` rounded half up, at least one."""
+    return max(1, math.floor(n * fraction + 0.5))
+
+
+def _split_key(seed: int, class_name: str, image_sha256: str) -> bytes:
+    """An image's place in its class's split order: stable whatever other images exist."""
+    return hashlib.sha256(f"{seed}/{class_name}/{image_sha256}".encode()).digest()
+
+
+def _too_small_message(class_name: str, n: int, val_fraction: float, test_fraction: float) -> str:
+    """Why a class cannot be split, with the counts the fractions give and the fixes."""
+    n_val, n_test = _split_size(n, val_fraction), _split_size(n, test_fraction)
+    return (f"class {class_name!r} has {n} images: data.val_fraction={val_fraction} gives "
+            f"{n_val} val and data.test_fraction={test_fraction} gives {n_test} test (rounded "
+            f"half up, at least 1 each), leaving {n - n_val - n_test} for train. Fix: lower "
+            f"data.val_fraction and/or data.test_fraction, or add images to {class_name!r}.")
 
 
 def dataset_digest(manifest: pd.DataFrame) -> str:

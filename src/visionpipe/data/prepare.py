@@ -22,7 +22,7 @@ from visionpipe.settings import cache_dir
 log = logging.getLogger(__name__)
 
 # Part of every source fingerprint: bump it when preparation changes what it produces.
-PREPARE_VERSION = "1"
+PREPARE_VERSION = "2"  # 2: splits by a per-image key, stable across versions
 
 
 class PreparedDataset(BaseModel):
