@@ -166,9 +166,9 @@ class FastPathConfig(_Config):
         None, ge=0, description="Decoding workers of the streaming path; empty: the cores, "
         "at most 8, less one.")
     decode_on_device: bool = Field(
-        False, description="Streaming: the workers only read files and the batch is decoded on "
-        "the GPU (torchvision.io.decode_jpeg on CUDA, for JPEGs), for when the CPU cannot decode "
-        "fast enough. Pixels differ slightly from the CPU decoder's.")
+        False, description="Streaming: the workers only read the JPEGs and the GPU decodes them "
+        "(torchvision.io.decode_jpeg on CUDA), for when the CPU cannot decode fast enough. Their "
+        "pixels differ slightly from the CPU decoder's; other files are decoded as in memory.")
 
     def wants_streaming(self, train_bytes: int) -> bool:
         """Whether to stream a training split of ``train_bytes`` decoded bytes."""

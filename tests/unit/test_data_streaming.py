@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import ExifTags, Image
+from torch.utils.data import DataLoader
 
 from visionpipe.config import DataConfig, FastPathConfig, FinetuneConfig, GoogLeNetConfig, Phase
 from visionpipe.data import PreparedDataset, build_loader, load_split, prepare_dataset
-from visionpipe.data.streaming import StreamingLoader, decoded_bytes
+from visionpipe.data.streaming import (
+    EncodedImageDataset,
+    StreamingLoader,
+    collate_encoded,
+    decode_batch,
+    decoded_bytes,
+    device_decodable,
+)
 from visionpipe.models import build_resnet
 from visionpipe.training.checkpoint import load_checkpoint
 
@@ -138,3 +150,93 @@ def test_each_rank_validates_its_own_share_streamed_or_from_memory(
             assert len(shares[0]) + len(shares[1]) == count
         else:
             assert torch.equal(shares[0], whole[:1]) and len(shares[1]) == 0
+
+
+def _mixed_folder(root: Path) -> Path:
+    """An ImageFolder of every kind of file the device's JPEG decoder gets wrong, and plain JPEGs.
+
+    Odd sizes, so every image is resized; random pixels, so no two files are duplicates.
+    """
+    rng = np.random.default_rng(0)
+
+    def pixels(height: int, width: int, channels: int = 3) -> np.ndarray:
+        return rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+
+    for label in ("cat", "dog"):
+        folder = root / label
+        folder.mkdir(parents=True)
+        for i in range(2):
+            rgba = pixels(20 + i, 13, 4)
+            rgba[..., 3] = rng.integers(0, 256, rgba.shape[:2])  # partial transparency
+            Image.fromarray(rgba, "RGBA").save(folder / f"rgba{i}.png")
+            deep = rng.integers(0, 65536, (17, 23 + i), dtype=np.uint16)
+            Image.fromarray(deep).save(folder / f"gray16_{i}.png")  # 16-bit grayscale
+            palette = Image.fromarray(pixels(15, 19 + i)).convert("P",
+                                                                  palette=Image.Palette.ADAPTIVE)
+            palette.save(folder / f"palette{i}.png", transparency=0)
+            Image.fromarray(pixels(18, 22 + i)).save(folder / f"photo{i}.jpg", quality=90)
+            Image.fromarray(pixels(21 + i, 14)).save(folder / f"progressive{i}.jpg",
+                                                     progressive=True)
+        Image.fromarray(pixels(19, 17, 1)[..., 0]).save(folder / "gray.jpg")
+        Image.fromarray(pixels(16, 24, 4), "CMYK").save(folder / "cmyk.jpg")
+        turned = Image.Exif()
+        turned[ExifTags.Base.Orientation] = 6
+        Image.fromarray(pixels(12, 30)).save(folder / "turned.jpg", exif=turned)
+        Image.fromarray(pixels(13, 11)).save(folder / "png_named.jpg", format="PNG")
+    return root
+
+
+@pytest.fixture()
+def mixed_formats(vp_home: Path, tmp_path: Path) -> PreparedDataset:
+    source = _mixed_folder(tmp_path / "mixed")
+    return prepare_dataset(DataConfig(source=str(source), image_size=16, min_per_class=3,
+                                      val_fraction=0.2, test_fraction=0.2))
+
+
+def test_decoding_on_device_gives_every_format_the_in_memory_path_pixels(
+        mixed_formats: PreparedDataset) -> None:
+    """RGBA and palette transparency composited, 16 bits rescaled, CMYK, gray and EXIF-turned
+    JPEGs as ``images.open_image`` makes them: exactly the in-memory batches, every split."""
+    for split, augment in (("train", True), ("val", False), ("test", False)):
+        images, labels = load_split(mixed_formats, split)
+        stream = StreamingLoader(mixed_formats, split, 5, shuffle=augment, augment=augment,
+                                 seed=0, device=CPU, num_workers=1, decode_on_device=True)
+        for epoch in (0, 1):
+            stream.set_epoch(epoch)
+            expected = list(build_loader(images, labels, 5, shuffle=augment, augment=augment,
+                                         seed=epoch))
+            assert _same(list(stream), expected), (split, epoch)
+
+
+def test_only_upright_8bit_colour_jpegs_go_to_the_device_decoder(
+        mixed_formats: PreparedDataset) -> None:
+    root = Path(mixed_formats.root)
+    verdicts = {path.name: device_decodable(path.read_bytes())
+                for path in sorted(root.rglob("*")) if path.is_file()}
+    assert {name for name, ok in verdicts.items() if ok} == {
+        "photo0.jpg", "photo1.jpg", "progressive0.jpg", "progressive1.jpg"}
+    upright = Image.Exif()
+    upright[ExifTags.Base.Orientation] = 1
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 99, 199)).save(buffer, format="JPEG", exif=upright)
+    assert device_decodable(buffer.getvalue())
+    assert not device_decodable(b"\xff\xd8\xff")  # a truncated header
+
+
+def test_device_decoded_jpegs_take_their_places_among_the_worker_decoded_images(
+        mixed_formats: PreparedDataset) -> None:
+    """The batch the GPU would get, decoded on the CPU: the JPEGs left encoded come back in
+    their places, and every other image is the in-memory one, bit for bit."""
+    images, _ = load_split(mixed_formats, "train")
+    dataset = EncodedImageDataset(mixed_formats, "train", device_jpegs=True)
+    collate = functools.partial(collate_encoded, image_size=mixed_formats.image_size)
+    batches = list(DataLoader(dataset, batch_size=4, collate_fn=collate))
+    assert any(b.encoded for b in batches) and any(len(b.decoded) for b in batches)
+    decoded = torch.cat([decode_batch(b, mixed_formats.image_size, CPU) for b in batches])
+    is_encoded = torch.cat([b.is_encoded for b in batches])
+    assert torch.equal(is_encoded, torch.tensor([p.endswith((
+        "/photo0.jpg", "/photo1.jpg", "/progressive0.jpg", "/progressive1.jpg"))
+        for p in dataset.paths]))
+    assert torch.equal(decoded[~is_encoded], images[~is_encoded])
+    difference = (decoded[is_encoded].int() - images[is_encoded].int()).abs()
+    assert difference.float().mean() < 2  # another decoder's rounding, nothing more
