@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
@@ -157,6 +158,33 @@ def test_out_of_memory_retries_once_with_half_the_batch(
     trained_with = GoogLeNetConfig.model_validate_json(saved["config"])
     assert (trained_with.batch_size, trained_with.grad_accumulation) == (4, 2)
     assert (tmp_path / "fired").exists()
+
+
+def test_an_odd_batch_out_of_memory_keeps_the_global_batch_or_says_why_it_cannot(
+    harness: Path,
+) -> None:
+    from prefect import task
+
+    from tasks.train import split_batch
+    from tasks.train import with_oom_fallback as fallback
+
+    with_oom_fallback = task(fallback)  # in a task run, as train-googlenet calls it
+
+    assert [split_batch(b) for b in (64, 65, 9, 67, 3, 2)] == [2, 5, 3, None, None, None]
+    calls: list[tuple[int, int]] = []
+
+    def train(cfg: GoogLeNetConfig) -> str:
+        calls.append((cfg.batch_size, cfg.grad_accumulation))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+        return "trained"
+
+    assert with_oom_fallback(GoogLeNetConfig(batch_size=65), train) == "trained"  # type: ignore[arg-type]
+    assert calls == [(65, 1), (13, 5)], "65 = 13 x 5: the global batch of the checkpoints"
+    calls.clear()
+    with pytest.raises(RuntimeError, match="batch of 67, which cannot be split") as err:
+        with_oom_fallback(GoogLeNetConfig(batch_size=67), train)  # type: ignore[arg-type]
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError) and calls == [(67, 1)]
 
 
 def test_an_unreachable_prefect_api_is_named_with_the_fix(tmp_path: Path) -> None:
