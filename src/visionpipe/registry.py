@@ -11,11 +11,13 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.types import ColSpec, DataType, Schema
 from pydantic import BaseModel
 from sklearn.metrics import accuracy_score, f1_score
 
 import visionpipe
+from visionpipe import settings
 from visionpipe.data import PreparedDataset
 from visionpipe.data.paths import confined_path
 from visionpipe.serving import ImageClassifier
@@ -33,6 +35,32 @@ SIGNATURE = ModelSignature(
 # What a consumer's environment needs to rebuild the model; the visionpipe code travels with it.
 _REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "pydantic", "mlflow",
                  "scikit-learn", "pyarrow", "boto3")
+
+
+# What MLflow answers when there is nothing to find (SQLAlchemy and file stores; a tracking server
+# sends the same codes, as HTTP 404 and 400). Checked against MLflow 3.17:
+# - no such registered model: RESOURCE_DOES_NOT_EXIST (SqlAlchemyStore._get_registered_model);
+# - no such alias on an existing model: INVALID_PARAMETER_VALUE ("Registered model alias ... not
+#   found", SqlAlchemyStore.get_model_version_by_alias) -- the code MLflow also uses for invalid
+#   arguments, so champion_version confirms it on the registered model before answering None.
+# Anything else (TEMPORARILY_UNAVAILABLE for a locked or broken database, INTERNAL_ERROR for an
+# unreachable server, PERMISSION_DENIED, 5xx...) is a failure, not an answer.
+_NO_SUCH_MODEL = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+_NO_SUCH_ALIAS = ErrorCode.Name(INVALID_PARAMETER_VALUE)
+
+
+class RegistryError(MlflowException):
+    """A registry call failed; the message says what, and what was (not) changed. Keeps MLflow's
+    error code, so callers can still tell a transient failure from a permanent one."""
+
+    def __init__(self, message: str, cause: MlflowException | None = None) -> None:
+        code = cause.error_code if cause is not None else "INTERNAL_ERROR"
+        super().__init__(message, error_code=ErrorCode.Value(code))
+
+
+def _describe(exc: MlflowException) -> str:
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return redact(f"{exc.error_code}: {first}")
 
 
 class Registration(BaseModel):
@@ -108,7 +136,12 @@ def register_version(candidate: str, model_name: str, model_uri: str, run_id: st
     mlflow_client = client()
     try:
         existing = mlflow_client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code != _NO_SUCH_MODEL:
+            raise RegistryError(
+                f"could not check whether run {run_id} already has a version of {model_name} in "
+                f"the MLflow registry at {redact(settings.tracking_uri())} ({_describe(exc)}); "
+                "registered nothing, so that a retry cannot create a duplicate version", exc) from exc
         existing = []
     if existing:
         mv = existing[0]
@@ -131,16 +164,44 @@ def score_model(model_uri: str, dataset: PreparedDataset, metric: str) -> float:
 
 
 def champion_version(model_name: str, alias: str) -> str | None:
+    """The version ``alias`` points at; None only if MLflow says the model or the alias does not
+    exist. Any other registry failure raises: "no answer" must never read as "no champion"."""
+    mlflow_client = client()
     try:
-        return str(client().get_model_version_by_alias(model_name, alias).version)
-    except MlflowException:
-        return None
+        return str(mlflow_client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code == _NO_SUCH_MODEL:
+            return None
+        if exc.error_code != _NO_SUCH_ALIAS:
+            raise
+        lookup_error = exc
+    # INVALID_PARAMETER_VALUE also means a malformed request: confirm on the model that the alias
+    # really is absent (a model deleted meanwhile has no alias either).
+    try:
+        aliases = mlflow_client.get_registered_model(model_name).aliases or {}
+    except MlflowException as exc:
+        if exc.error_code == _NO_SUCH_MODEL:
+            return None
+        raise
+    if alias in aliases:
+        raise lookup_error
+    return None
+
+
+def _read_champion(model_name: str, alias: str, when: str) -> str | None:
+    try:
+        return champion_version(model_name, alias)
+    except MlflowException as exc:
+        raise RegistryError(
+            f"champion gate: could not read alias {alias!r} of {model_name} {when} from the "
+            f"MLflow registry at {redact(settings.tracking_uri())} ({_describe(exc)}); the gate "
+            f"did not move {alias!r}. Re-run registration once the registry answers.", exc) from exc
 
 
 def gate_champion(best: Registration, dataset: PreparedDataset, metric: str, alias: str) -> GateDecision:
     """Move ``alias`` to ``best`` only if it beats the current holder on today's test split."""
     candidate_score = score_model(best.model_uri, dataset, metric)
-    current = champion_version(best.model_name, alias)
+    current = _read_champion(best.model_name, alias, "before comparing (nothing was tagged)")
     champion_score = None
     if current is None:
         promoted, reason = True, f"no {alias} yet"
@@ -181,7 +242,9 @@ def _apply_decision(decision: GateDecision, model_name: str, alias: str) -> None
         mlflow_client.set_model_version_tag(model_name, decision.candidate_version, key, value)
     if decision.promoted:
         # Re-read the alias just before moving it: another run may have moved it meanwhile.
-        if champion_version(model_name, alias) != decision.champion_version:
+        now = _read_champion(model_name, alias, f"again before moving it (version "
+                             f"{decision.candidate_version} already carries the gate tags)")
+        if now != decision.champion_version:
             raise RuntimeError(f"{alias} of {model_name} moved during the gate; re-run registration")
         mlflow_client.set_registered_model_alias(model_name, alias, decision.candidate_version)
 

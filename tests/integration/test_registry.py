@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
 
 from visionpipe import registry, settings, tracking
 from visionpipe.config import DataConfig, FinetuneConfig, Phase
@@ -91,6 +95,60 @@ def test_a_retried_registration_reuses_its_version(
     monkeypatch.setenv("VISIONPIPE_HOME", str(home))
     _register("retry", good, dataset, tmp_path, model="digits-retry", times=3)
     assert len(tracking.client().search_model_versions("name='digits-retry'")) == 1
+
+
+def test_champion_is_none_only_when_mlflow_says_the_model_or_alias_does_not_exist(vp_home: Path) -> None:
+    assert registry.champion_version("digits-none", "champion") is None  # no registered model
+    tracking.client().create_registered_model("digits-none")
+    assert registry.champion_version("digits-none", "champion") is None  # model without the alias
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_unreachable_registry_is_a_failure_not_no_champion_nor_a_new_version(
+    vp_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(MlflowException, match="API request to .* failed"):
+        registry.champion_version("digits-down", "champion")
+    with pytest.raises(MlflowException, match="could not check whether run r1 already has a "
+                                              "version of digits-down.*registered nothing"):
+        registry.register_version("c", "digits-down", "runs:/r1/model", "r1", {})
+
+
+def test_a_broken_registry_stops_the_gate_before_it_tags_or_moves_the_alias(
+    trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _, dataset, _, bad = trained
+    home = tmp_path / "home"
+    monkeypatch.setenv("VISIONPIPE_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
+    champion = _register("champion", bad, dataset, tmp_path, model="digits-broken")
+    assert registry.gate_champion(champion, dataset, "top1", "champion").promoted
+    # The same weights: a working gate ties and keeps the champion.
+    registered = _register("tie", bad, dataset, tmp_path, model="digits-broken")
+    # Score the candidate from a local copy, so that only the alias lookup meets the damage.
+    candidate = registered.model_copy(update={"model_uri": download_artifacts(
+        registered.model_uri, dst_path=str(tmp_path / "local"))})
+    db = home / "mlflow.db"
+    with sqlite3.connect(db) as con:  # a real database error: the alias table is gone
+        con.execute("ALTER TABLE registered_model_aliases RENAME TO aliases_away")
+    with pytest.raises(MlflowException, match="could not read alias 'champion' of digits-broken "
+                                              "before comparing.*did not move 'champion'") as info:
+        registry.gate_champion(candidate, dataset, "top1", "champion")
+    assert info.value.error_code == "TEMPORARILY_UNAVAILABLE"
+    assert "no such table" in str(info.value)
+    with sqlite3.connect(db) as con:
+        con.execute("ALTER TABLE aliases_away RENAME TO registered_model_aliases")
+    assert registry.champion_version("digits-broken", "champion") == champion.version
+    tags = tracking.client().get_model_version("digits-broken", registered.version).tags
+    assert not {k for k in tags if k.startswith("gate_") or k == "previous_champion"}, tags
 
 
 CONSUMER = """
