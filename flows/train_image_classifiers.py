@@ -14,7 +14,7 @@ from tasks.register import register_model
 from tasks.tracking import close_tracking_run, open_tracking_run
 from tasks.timings import record_timings
 from tasks.train import finetune_backbone, train_googlenet
-from tasks.weights import fetch_pretrained_weights
+from tasks.weights import fetch_pretrained_weights, fetch_pretrained_weights_cached
 from visionpipe import registry, settings, tracking
 from visionpipe.config import PipelineConfig, quickstart
 from visionpipe.summary import PipelineSummary
@@ -42,7 +42,8 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
     context = open_tracking_run(config)
     dataset = prepare_dataset_cached(config.data)
     log_dataset(dataset, context)
-    weights = fetching.result()
+    # Fetched again if the cached file is gone or the cached result is a random init.
+    weights = fetch_pretrained_weights_cached(config.weights, config.finetune.arch, fetching)
     finetuned = finetune_backbone.submit(config.finetune, dataset, weights, context)
     scratch = train_googlenet.submit(config.googlenet, dataset, context) if config.googlenet.enabled else None
     candidates = [f.result() for f in (finetuned, scratch) if f is not None]

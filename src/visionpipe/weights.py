@@ -112,7 +112,8 @@ def fetch_weights(cfg: WeightsConfig, arch: str, *, backoff_s: float = 0.5) -> F
         if cfg.on_unavailable != RANDOM_INIT:
             raise
         return random_init(arch, cache, reason=str(exc))
-    return FetchedWeights(path=str(path), sha256=digest, source=cfg.uri, random_init=False,
+    # ``source`` is for people (tags, logs, the persisted Prefect result): no credentials in it.
+    return FetchedWeights(path=str(path), sha256=digest, source=redact(cfg.uri), random_init=False,
                           arch=arch)
 
 
@@ -500,6 +501,12 @@ def load_state_dict_file(
     path: str | os.PathLike[str], expected_sha256: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Load a state dict safely (``weights_only``) after checking its digest when one is given."""
+    if not Path(path).is_file():
+        # Checked before hashing: file_sha256 would raise a bare FileNotFoundError, which a
+        # retry condition takes for a transient error.
+        raise WeightsError(f"weights file {path} does not exist (was the weights cache deleted?). "
+                           "Fix: fetch it again (fetch_weights, or rerun the flow: "
+                           "fetch-pretrained-weights fetches a missing file again).")
     if expected_sha256 is not None:
         actual = file_sha256(path)
         if actual != expected_sha256.lower():
@@ -507,7 +514,7 @@ def load_state_dict_file(
                                f"got {actual}. Fix: fetch the weights again (fetch_weights).")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
+    except FileNotFoundError as exc:  # deleted between the check and the load
         raise WeightsError(f"weights file {path} does not exist. Fix: fetch it again.") from exc
     except Exception as exc:  # any unpickling failure means the file is not a plain state dict
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

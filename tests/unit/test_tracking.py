@@ -14,6 +14,32 @@ def test_redact_hides_passwords_in_urls_only() -> None:
     assert tracking.redact("https://:token@example.org/x") == "https://:***@example.org/x"
 
 
+def test_redact_hides_bare_tokens_and_userinfo() -> None:
+    assert tracking.redact("https://user:pa55@mirror.example/x.pth") == "https://user:***@mirror.example/x.pth"
+    assert tracking.redact("https://ghp_T0KEN@mirror.example/x.pth") == "https://***@mirror.example/x.pth"
+    assert tracking.redact("uri 'https://T0KEN@h/x' failed") == "uri 'https://***@h/x' failed"
+    # Not userinfo: an @ in a path, a query or a models:/ alias stays.
+    for text in ("https://example.org/pkg@v2/x", "https://h/x?mail=a@b.org", "models:/digits@champion"):
+        assert tracking.redact(text) == text
+
+
+def test_redact_hides_presigned_url_signatures() -> None:
+    s3 = ("https://b.s3.amazonaws.com/w.pth?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+          "&X-Amz-Credential=AKIAEXAMPLE%2F20240101%2Fus-east-1%2Fs3%2Faws4_request"
+          "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+          "&X-Amz-Security-Token=FwoGZX&X-Amz-Signature=0123abcd")
+    assert tracking.redact(s3) == (
+        "https://b.s3.amazonaws.com/w.pth?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
+        "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+        "&X-Amz-Security-Token=***&X-Amz-Signature=***")
+    assert (tracking.redact("https://h/w.pth?AWSAccessKeyId=AKIA&Expires=1&Signature=ab%2Bc%3D")
+            == "https://h/w.pth?AWSAccessKeyId=***&Expires=1&Signature=***")
+    assert (tracking.redact('{"uri": "https://acct.blob.core.windows.net/c/w.pth?sv=2022&sig=Zz%3D#f"}')
+            == '{"uri": "https://acct.blob.core.windows.net/c/w.pth?sv=2022&sig=***#f"}')
+    # Parameters that only start like a secret one are left alone.
+    assert tracking.redact("https://h/x?design=1&signer=2") == "https://h/x?design=1&signer=2"
+
+
 def test_flatten_gives_dotted_params() -> None:
     flat = tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x://u:p@h"})
     assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "x://u:***@h"}

@@ -346,6 +346,23 @@ def test_load_rejects_what_is_not_a_state_dict(tmp_path: Path) -> None:
         load_state_dict_file(garbage)
 
 
+def test_load_of_a_deleted_file_says_to_fetch_it_again(tmp_path: Path) -> None:
+    """A cached path whose file was deleted: a WeightsError (not retried), not FileNotFoundError."""
+    gone = tmp_path / "weights" / f"{'ab' * 32}.pth"
+    for expected in ("ab" * 32, None):
+        with pytest.raises(WeightsError) as info:
+            load_state_dict_file(gone, expected)
+        assert str(gone) in str(info.value) and "fetch it again" in str(info.value)
+
+
+def test_fetched_source_carries_no_credentials(vp_home: Path, http_server: WeightsServer) -> None:
+    body = _tiny_bytes()
+    url = http_server.serve("/w/tiny.pth?X-Amz-Credential=AKIASECRET&X-Amz-Signature=5ECRET", body)
+    fetched = fetch_weights(WeightsConfig(uri=url, sha256=_sha(body)), "resnet18")
+    assert fetched.source == f"{http_server.url}/w/tiny.pth?X-Amz-Credential=***&X-Amz-Signature=***"
+    assert "SECRET" not in fetched.model_dump_json()
+
+
 def test_load_checks_the_digest(tmp_path: Path) -> None:
     path = tmp_path / "tiny.pth"
     path.write_bytes(_tiny_bytes())
