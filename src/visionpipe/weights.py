@@ -111,7 +111,8 @@ def fetch_weights(cfg: WeightsConfig, arch: str, *, backoff_s: float = 0.5) -> F
     except WeightsUnavailable as exc:
         if cfg.on_unavailable != RANDOM_INIT:
             raise
-        return random_init(arch, cache, reason=str(exc))
+        # The error's "Fix: set on_unavailable=random-init" is what this run already does.
+        return random_init(arch, cache, reason=str(exc).split(" Fix: ")[0])
     # ``source`` is for people (tags, logs, the persisted Prefect result): no credentials in it.
     return FetchedWeights(path=str(path), sha256=digest, source=redact(cfg.uri), random_init=False,
                           arch=arch)
