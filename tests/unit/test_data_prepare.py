@@ -246,6 +246,28 @@ def test_an_unusable_decoded_split_is_decoded_again_and_replaced(
     assert torch.equal(load_with_digest(cache)["images"], images)  # replaced by a whole one
 
 
+def test_an_image_changed_after_preparation_is_refused_and_not_kept(
+        tiny_digits: PreparedDataset) -> None:
+    from visionpipe.data.streaming import StreamingLoader
+
+    rows = read_manifest(tiny_digits.manifest_path)
+    changed = rows[rows["split"] == "val"].sort_values("path")["path"].iloc[0]
+    target = Path(tiny_digits.root) / changed
+    other = rows[rows["path"] != changed]["path"].iloc[0]
+    target.write_bytes((Path(tiny_digits.root) / other).read_bytes())  # another valid image
+    with pytest.raises(DatasetError, match=f"{changed} .* changed after its dataset version"):
+        load_split(tiny_digits, "val")
+    assert not decoded_split_path(tiny_digits, "val").exists(), "nothing kept under the version"
+    with pytest.raises(DatasetError, match="changed after its dataset version"):
+        ManifestImageDataset.from_prepared(tiny_digits, "val")[0]
+    for on_device in (False, True):
+        stream = StreamingLoader(tiny_digits, "val", 4, shuffle=False, augment=False, seed=0,
+                                 device=torch.device("cpu"), num_workers=0,
+                                 decode_on_device=on_device)
+        with pytest.raises(DatasetError, match="changed after its dataset version"):
+            next(iter(stream))
+
+
 def test_a_folder_that_cannot_keep_decoded_splits_only_costs_the_decoding(
         tiny_digits: PreparedDataset, caplog: pytest.LogCaptureFixture) -> None:
     decoded_split_path(tiny_digits, "test").parent.write_text("not a folder")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -37,9 +38,26 @@ def split_rows(prepared: PreparedDataset, split: str) -> pd.DataFrame:
     return manifest[manifest["split"] == split].sort_values("path", ignore_index=True)
 
 
-def load_image(root: Path, relpath: str, image_size: int) -> torch.Tensor:
-    """One manifest image as a uint8 ``3 x S x S`` tensor."""
-    return to_uint8_tensor(open_image(confined_path(root, relpath)), image_size)
+def read_image_file(root: Path, relpath: str, sha256: str | None = None) -> bytes:
+    """The bytes of one manifest image, checked against the manifest's sha256 when given.
+
+    A dataset version stands for its files' contents: a file changed in place after the
+    dataset was prepared (an edit, a sync of a changed object into the same mirror) would
+    train and evaluate on pixels the version does not name, and be kept as that version's.
+    """
+    data = confined_path(root, relpath).read_bytes()
+    if sha256 is not None and (actual := hashlib.sha256(data).hexdigest()) != sha256:
+        raise DatasetError(
+            f"{relpath} in {root} changed after its dataset version was prepared (sha256 "
+            f"{actual[:12]}..., the manifest says {sha256[:12]}...). Fix: prepare the dataset "
+            "again (prepare-dataset makes a new version of changed files), and do not change "
+            "the files of a prepared version in place.")
+    return data
+
+
+def load_image(root: Path, relpath: str, image_size: int, sha256: str | None = None) -> torch.Tensor:
+    """One manifest image as a uint8 ``3 x S x S`` tensor (its bytes checked if ``sha256``)."""
+    return to_uint8_tensor(open_image(read_image_file(root, relpath, sha256)), image_size)
 
 
 def load_split(prepared: PreparedDataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +88,8 @@ def _decode(prepared: PreparedDataset, rows: pd.DataFrame) -> torch.Tensor:
     root, size = Path(prepared.root), prepared.image_size
     # Decoding releases the GIL for most of its work, so threads speed it up.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(lambda rel: load_image(root, rel, size), rows["path"]))
+        images = list(pool.map(lambda rel, digest: load_image(root, rel, size, digest),
+                               rows["path"], rows["sha256"]))
     return torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
 
 
@@ -115,10 +134,11 @@ class ManifestImageDataset(Dataset[tuple[torch.Tensor, int]]):
     def __init__(self, root: str | Path, rows: pd.DataFrame, image_size: int) -> None:
         self.root = Path(root)
         self.paths: list[str] = rows["path"].astype(str).tolist()
-        self.labels: list[int] = rows["label"].astype(int).tolist()
-        self.image_size = image_size
         for relpath in self.paths:
             confined_path(self.root, relpath)  # refuse a tampered manifest before training starts
+        self.digests: list[str] = rows["sha256"].astype(str).tolist()
+        self.labels: list[int] = rows["label"].astype(int).tolist()
+        self.image_size = image_size
 
     @classmethod
     def from_prepared(cls, prepared: PreparedDataset, split: str) -> ManifestImageDataset:
@@ -129,7 +149,8 @@ class ManifestImageDataset(Dataset[tuple[torch.Tensor, int]]):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return load_image(self.root, self.paths[index], self.image_size), self.labels[index]
+        image = load_image(self.root, self.paths[index], self.image_size, self.digests[index])
+        return image, self.labels[index]
 
 
 class BatchTransform:

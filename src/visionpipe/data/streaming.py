@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from visionpipe.data.images import open_image, to_uint8_tensor
-from visionpipe.data.loading import BatchTransform, ManifestImageDataset, split_rows
+from visionpipe.data.loading import BatchTransform, ManifestImageDataset, read_image_file, split_rows
 from visionpipe.data.paths import confined_path
 from visionpipe.data.prepare import PreparedDataset
 
@@ -153,7 +153,10 @@ class EncodedImageDataset(Dataset[tuple[bytes | torch.Tensor, int]]):
     def __init__(self, prepared: PreparedDataset, split: str, device_jpegs: bool = True) -> None:
         rows = split_rows(prepared, split)
         self.root = Path(prepared.root)
-        self.paths = [str(confined_path(self.root, p)) for p in rows["path"].astype(str)]
+        self.paths: list[str] = rows["path"].astype(str).tolist()
+        for relpath in self.paths:
+            confined_path(self.root, relpath)  # refuse a tampered manifest before training starts
+        self.digests: list[str] = rows["sha256"].astype(str).tolist()
         self.labels: list[int] = rows["label"].astype(int).tolist()
         self.image_size = prepared.image_size
         self.device_jpegs = device_jpegs
@@ -162,7 +165,7 @@ class EncodedImageDataset(Dataset[tuple[bytes | torch.Tensor, int]]):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[bytes | torch.Tensor, int]:
-        data = Path(self.paths[index]).read_bytes()
+        data = read_image_file(self.root, self.paths[index], self.digests[index])
         if self.device_jpegs and device_decodable(data):
             return data, self.labels[index]
         # ``loading.load_image``'s functions on the bytes already read.
