@@ -99,6 +99,12 @@ def train_one_epoch(
     # their memory went back to the OS and came back as page faults in the next backward (5x
     # the faults and 8% slower for ResNet-50 here; docs/benchmarks.md).
     release_grads = True
+    # With accumulation, each batch's mean loss counts by its size against a full group's
+    # images (``accumulation`` batches of the first one's size). A group with fewer images (the
+    # epoch's last) has its gradients scaled to its own mean at its step, so that it weighs
+    # what the same images in one batch would: a run whose batch was split after an
+    # out-of-memory error trains as the unsplit one.
+    full_group = group_images = 0
     for step, (images, labels) in enumerate(batches):
         if step < skip:
             stats.steps += 1
@@ -106,20 +112,28 @@ def train_one_epoch(
         if step_seed is not None:
             torch.manual_seed(step_seed + step)
         images, labels = _to_device(images, labels, device, fast)
+        n = labels.shape[0]
         with _autocast(device, fast):
             loss, logits = classification_loss(model(images), labels, criterion, aux_weight)
         if release_grads:
             optimizer.zero_grad(set_to_none=True)
             release_grads = False
-        (loss / accumulation).backward()
+        if accumulation == 1:
+            loss.backward()
+        else:
+            full_group = full_group or accumulation * n
+            group_images += n
+            (loss * (n / full_group)).backward()
         boundary = (step + 1) % accumulation == 0 or (total is not None and step + 1 == total)
         if boundary:
+            if group_images and group_images != full_group:
+                _scale_grads(optimizer, full_group / group_images)
+            group_images = 0
             optimizer.step()
             release_grads = True
             if scheduler is not None:
                 scheduler.step()
         # Weighted by the batch's own size, so a short last batch counts for what it is.
-        n = labels.shape[0]
         loss_sum += loss.detach().double() * n
         correct += (logits.detach().argmax(1) == labels).sum()
         stats.count += n
@@ -130,6 +144,14 @@ def train_one_epoch(
     stats.loss_sum, stats.correct = loss_sum.item(), int(correct.item())
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+@torch.no_grad()
+def _scale_grads(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                param.grad.mul_(factor)
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
