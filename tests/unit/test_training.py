@@ -180,6 +180,50 @@ def test_an_improved_epoch_is_serialised_once_as_best_and_last(tmp_path: Path) -
     assert torch.equal(load_checkpoint(best)["model"]["w"], torch.ones(4))
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_a_rotation_killed_at_any_point_leaves_a_checkpoint_to_resume_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process dies before the n-th rename or link of a rotation, for every n."""
+    import os
+    import shutil
+
+    from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
+
+    start = tmp_path / "start"
+    for epoch in (1, 2):
+        rotate_and_save({"model": {"w": torch.full((4,), epoch)}, "epoch": epoch}, start)
+    real_replace, real_link = os.replace, os.link
+    for best in (False, True):
+        for n in range(8):
+            folder = tmp_path / f"{best}-{n}"
+            shutil.copytree(start, folder)
+            calls = 0
+
+            def dying(real):  # type: ignore[no-untyped-def]
+                def call(*args):  # type: ignore[no-untyped-def]
+                    nonlocal calls
+                    calls += 1
+                    if calls > n:
+                        raise _Killed
+                    return real(*args)
+                return call
+
+            monkeypatch.setattr(os, "replace", dying(real_replace))
+            monkeypatch.setattr(os, "link", dying(real_link))
+            try:
+                rotate_and_save({"model": {"w": torch.full((4,), 3)}, "epoch": 3}, folder, best=best)
+            except _Killed:
+                pass
+            monkeypatch.setattr(os, "replace", real_replace)
+            monkeypatch.setattr(os, "link", real_link)
+            saved = latest_checkpoint(folder)
+            assert saved is not None and saved["epoch"] in (2, 3), (best, n)
+
+
 def test_resuming_with_another_config_is_refused(tiny_digits: PreparedDataset, tmp_path: Path) -> None:
     cfg = FinetuneConfig(arch="resnet18", batch_size=16,
                          phases=[Phase(name="head", trainable=["fc"], epochs=1, lr=0.05)])

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from visionpipe.digests import DigestError, copy_with_digest, load_with_digest, save_with_digest
+from visionpipe.digests import (
+    DigestError,
+    copy_with_digest,
+    digest_path,
+    load_with_digest,
+    save_with_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +47,28 @@ def rotate_and_save(state: dict[str, Any], folder: Path, best: bool = False) -> 
     """
     last, prev = folder / "last.pt", folder / "prev.pt"
     digest = save_checkpoint(state, folder / "best.pt") if best else None
-    if last.exists() and last.with_name("last.pt.sha256").exists():
-        os.replace(last, prev)
-        os.replace(last.with_name("last.pt.sha256"), prev.with_name("prev.pt.sha256"))
+    if last.exists() and digest_path(last).exists():
+        _keep_as_prev(last, prev)
     if digest is not None:
         return copy_with_digest(folder / "best.pt", digest, last)
     return save_checkpoint(state, last)
+
+
+def _keep_as_prev(last: Path, prev: Path) -> None:
+    """``prev.pt`` and its digest become links to (or copies of) ``last.pt``'s, one at a time.
+
+    ``last.pt`` stays in place until the new one replaces it, so a process killed at any point
+    of a rotation leaves one whole pair to resume from: moving ``last.pt`` away first left, for
+    a moment, no ``last.pt`` and a ``prev.pt`` beside the digest of the file it replaced.
+    """
+    for source, target in ((last, prev), (digest_path(last), digest_path(prev))):
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
 
 
 def latest_checkpoint(folder: Path) -> dict[str, Any] | None:
