@@ -26,10 +26,11 @@ def register_model(candidates: list[Candidate], evaluations: list[Evaluation],
     scores = {e.candidate: e.metrics for e in evaluations}
     registrations = []
     for candidate in candidates:
+        export_dir = stage_dir(context, f"export-{candidate.name}")
         model_uri = registry.log_pyfunc_model(
-            candidate.run_id, Path(candidate.result.best_checkpoint),
-            stage_dir(context, f"export-{candidate.name}"), dataset)
-        tags = {**candidate.lineage, "prefect_flow_run_id": context.flow_run_id,
+            candidate.run_id, Path(candidate.result.best_checkpoint), export_dir, dataset)
+        tags = {**registry.version_tags(candidate.lineage, export_dir),
+                "prefect_flow_run_id": context.flow_run_id,
                 "git_commit": tracking.git_commit(), "candidate": candidate.name,
                 **{f"test_{k}": f"{v:.6f}" for k, v in scores[candidate.name].items()}}
         registrations.append(registry.register_version(candidate.name, model_name, model_uri,

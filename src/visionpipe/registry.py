@@ -20,6 +20,7 @@ import visionpipe
 from visionpipe import settings
 from visionpipe.data import PreparedDataset
 from visionpipe.data.paths import confined_path
+from visionpipe.digests import file_sha256
 from visionpipe.serving import ImageClassifier
 from visionpipe.models import inference_weights
 from visionpipe.tracking import client, configure_tracking, redact
@@ -128,6 +129,20 @@ def log_pyfunc_model(run_id: str, checkpoint: Path, work_dir: Path, dataset: Pre
             pip_requirements=pip_requirements(),
         )
     return str(info.model_uri)
+
+
+def version_tags(lineage: dict[str, str], export_dir: Path) -> dict[str, str]:
+    """A model version's tags: its lineage and the digest of its own weights.
+
+    ``weights_sha256`` is the sha256 of the version's ``state_dict.pt`` (in ``export_dir``, as
+    :func:`log_pyfunc_model` wrote it): a later run that starts from this version
+    (``weights.uri: models:/<name>@champion``) verifies its download against it. The lineage's
+    ``weights_*`` entries, what the candidate's training started from, become ``init_weights_*``.
+    """
+    tags = {(f"init_{key}" if key.startswith("weights_") else key): value
+            for key, value in lineage.items()}
+    tags["weights_sha256"] = file_sha256(export_dir / "state_dict.pt")
+    return tags
 
 
 def register_version(candidate: str, model_name: str, model_uri: str, run_id: str,

@@ -62,7 +62,8 @@ def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(harnes
     versions = mlflow.search_model_versions("name='digits-classifier'")
     assert len(versions) == 2
     tags = versions[0].tags
-    for key in ("arch", "dataset_version", "weights_source", "weights_sha256", "prefect_flow_run_id",
+    for key in ("arch", "dataset_version", "init_weights_source", "init_weights_sha256",
+                "weights_sha256", "prefect_flow_run_id",
                 "git_commit", "test_top1"):
         assert key in tags, key
     parent = mlflow.search_runs([mlflow.get_experiment_by_name("visionpipe").experiment_id],

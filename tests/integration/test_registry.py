@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from visionpipe import registry, settings, tracking
 from visionpipe.config import DataConfig, FinetuneConfig, Phase
 from visionpipe.data import PreparedDataset, prepare_dataset
+from visionpipe.digests import file_sha256
 from visionpipe.evaluation import evaluate_checkpoint
 from visionpipe.models import ModelSpec, build_resnet
 from visionpipe.training.checkpoint import save_checkpoint
@@ -54,10 +55,33 @@ def _register(name: str, checkpoint: Path, dataset: PreparedDataset, work: Path,
     experiment = tracking.ensure_experiment("test")
     run_id = tracking.start_run(experiment, name)
     uri = registry.log_pyfunc_model(run_id, checkpoint, work / name, dataset)
-    versions = {registry.register_version(name, model, uri, run_id, {"arch": "resnet18"}).version
+    # The lineage register-model gives a fine-tuned candidate: what its training started from.
+    tags = registry.version_tags({"arch": "resnet18", "weights_source": "random-init",
+                                  "weights_sha256": "0" * 64}, work / name)
+    versions = {registry.register_version(name, model, uri, run_id, tags).version
                 for _ in range(times)}
     assert len(versions) == 1, f"a retried registration created versions {versions}"
-    return registry.register_version(name, model, uri, run_id, {"arch": "resnet18"})
+    return registry.register_version(name, model, uri, run_id, tags)
+
+
+def test_the_champion_is_the_starting_weights_of_a_next_fine_tune(
+    trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from visionpipe.config import WeightsConfig
+    from visionpipe.weights import fetch_weights
+
+    home, dataset, good, _ = trained
+    monkeypatch.setenv("VISIONPIPE_HOME", str(home))
+    version = _register("next", good, dataset, tmp_path, model="digits-start")
+    registry.gate_champion(version, dataset, "top1", "champion")
+    tags = tracking.client().get_model_version("digits-start", version.version).tags
+    assert tags["init_weights_sha256"] == "0" * 64 and tags["init_weights_source"] == "random-init"
+    fetched = fetch_weights(WeightsConfig(uri="models:/digits-start@champion"), "resnet18")
+    assert fetched.sha256 == tags["weights_sha256"] == file_sha256(tmp_path / "next" / "state_dict.pt")
+    cfg = FinetuneConfig(arch="resnet18", batch_size=16,
+                         phases=[Phase(name="head", trainable=["fc"], epochs=1, lr=0.01)])
+    result = finetune(cfg, dataset, Path(fetched.path), tmp_path / "again", weights_sha256=fetched.sha256)
+    assert result.best_val_top1 > 0.5, "the head on the champion's backbone, not a random one"
 
 
 def test_gate_promotes_first_and_better_and_keeps_champion_against_worse(
