@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 from prefect import flow
+from pydantic import Field
 
 from tasks.scoring import record_scoring, score_images_task
 from visionpipe.scoring import ScoringSummary
@@ -15,7 +17,7 @@ def score_images(
     source: str,
     output: str,
     model_uri: str = "models:/digits-classifier@champion",
-    batch_size: int = 64,
+    batch_size: Annotated[int, Field(gt=0)] = 64,
     experiment: str = "visionpipe-scoring",
 ) -> ScoringSummary:
     """Score an ImageFolder (directory or s3:// prefix) and write predictions as parquet.

@@ -343,7 +343,25 @@ class RegistryConfig(_Config):
 
     model_name: str | None = Field(None, description="Registered model; '<dataset>-classifier' if empty.")
     champion_metric: Literal["top1", "macro_f1"] = "top1"
-    alias: str = "champion"
+    alias: str = Field("champion", description="The alias the gate moves; letters, digits, _ and "
+                       "-, not 'latest' or v<number> (MLflow reserves those).")
+
+    @field_validator("alias")
+    @classmethod
+    def _mlflow_alias(cls, alias: str) -> str:
+        # MLflow's own rules, checked in the form rather than after all the training.
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.validation import (
+            _validate_model_alias_name,
+            _validate_model_alias_name_reserved,
+        )
+
+        try:
+            _validate_model_alias_name(alias)
+            _validate_model_alias_name_reserved(alias)
+        except MlflowException as exc:
+            raise ValueError(exc.message) from None
+        return alias
 
 
 class PipelineConfig(_Config):

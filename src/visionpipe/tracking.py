@@ -63,6 +63,14 @@ def ensure_experiment(name: str) -> str:
 def _ensure_experiment(name: str) -> str:
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        eid = experiment.experiment_id
+        # A deleted experiment keeps its name but takes no runs; deleting it was someone's choice.
+        raise ValueError(
+            f"the MLflow experiment {name!r} (id {eid}) is deleted, so no run can be logged to "
+            f"it. Fix: restore it (mlflow experiments restore --experiment-id {eid}, or in the "
+            f"MLflow UI), remove it for good (mlflow gc --experiment-ids {eid}), or choose "
+            "another experiment name")
     if experiment is not None:
         return str(experiment.experiment_id)
     location = None

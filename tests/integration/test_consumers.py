@@ -74,6 +74,12 @@ def test_score_images_writes_parquet_locally_and_to_s3(champion: tuple[Path, Pat
     runs = tracking.client().search_runs(
         [tracking.client().get_experiment_by_name("visionpipe-scoring").experiment_id])
     assert len(runs) == 2 and runs[0].data.metrics["images"] == 7
+    from prefect.exceptions import ParameterTypeError
+
+    for bad in (0, -1):  # refused at the form, before the model loads or a file is written
+        with pytest.raises(ParameterTypeError, match="greater than 0"):
+            score_images(str(folder), str(home / "out" / "bad.parquet"), batch_size=bad)
+    assert not (home / "out" / "bad.parquet").exists()
 
 
 def _free_port() -> int:

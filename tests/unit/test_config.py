@@ -19,6 +19,10 @@ from visionpipe.config import PipelineConfig, quickstart
     ({"weights": {"uri": "torchvision:resnet18.IMAGENET1K_V1"}}, "finetune.arch is 'resnet50'"),
     ({"googlenet": {"launch": {"nnodes": "0:2"}}}, "min:max"),
     ({"data": {"sourc": "digits"}}, "Extra inputs are not permitted"),
+    ({"registry": {"alias": "latest"}}, "'latest' alias name .* is reserved"),
+    ({"registry": {"alias": "v2"}}, "Version alias name 'v2' is reserved"),
+    ({"registry": {"alias": "night/ly"}}, "Invalid alias name"),
+    ({"registry": {"alias": ""}}, "cannot be empty"),
 ])
 def test_invalid_parameters_are_refused_with_the_fix(patch: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from visionpipe import settings, tracking
 from visionpipe.config import PipelineConfig
 
@@ -59,6 +61,14 @@ def test_embedded_store_lives_in_the_state_folder(vp_home: Path) -> None:
     assert run.data.params["finetune.arch"] == "resnet50"
     tracking.fail_runs_of_flow_run("fr-1")
     assert {tracking.client().get_run(r).info.status for r in (parent, child)} == {"FAILED"}
+
+
+def test_a_deleted_experiment_is_named_with_the_fixes_not_revived(vp_home: Path) -> None:
+    experiment = tracking.ensure_experiment("gone")
+    tracking.client().delete_experiment(experiment)
+    with pytest.raises(ValueError, match=f"'gone' \\(id {experiment}\\) is deleted.*experiments restore"):
+        tracking.ensure_experiment("gone")
+    assert tracking.client().get_experiment(experiment).lifecycle_stage == "deleted"
 
 
 def test_an_unreachable_tracking_server_is_named_without_its_password(
