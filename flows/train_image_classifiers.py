@@ -13,7 +13,7 @@ from tasks.evaluate import evaluate_candidates
 from tasks.register import register_model
 from tasks.tracking import close_tracking_run, open_tracking_run
 from tasks.timings import record_timings
-from tasks.train import finetune_backbone, train_googlenet
+from tasks.train import train_candidates
 from tasks.weights import fetch_pretrained_weights, fetch_pretrained_weights_cached
 from visionpipe import registry, settings, tracking
 from visionpipe.config import PipelineConfig, quickstart
@@ -44,9 +44,7 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
     log_dataset(dataset, context)
     # Fetched again if the cached file is gone or the cached result is a random init.
     weights = fetch_pretrained_weights_cached(config.weights, config.finetune.arch, fetching)
-    finetuned = finetune_backbone.submit(config.finetune, dataset, weights, context)
-    scratch = train_googlenet.submit(config.googlenet, dataset, context) if config.googlenet.enabled else None
-    candidates = [f.result() for f in (finetuned, scratch) if f is not None]
+    candidates = train_candidates(config.finetune, config.googlenet, dataset, weights, context)
     evaluations = evaluate_candidates(candidates, dataset, config.evaluation, context)
     decision = register_model(candidates, evaluations, dataset, config.registry,
                               config.model_name, context)

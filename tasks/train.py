@@ -95,6 +95,31 @@ def finetune_backbone(cfg: FinetuneConfig, dataset: PreparedDataset, weights: Fe
     return _finish(name, run_id, result, lineage)
 
 
+def train_candidates(finetune_cfg: FinetuneConfig, googlenet_cfg: GoogLeNetConfig,
+                     dataset: PreparedDataset, weights: FetchedWeights,
+                     context: TrackingContext) -> list[Candidate]:
+    """finetune-backbone and, alongside it, train-googlenet (when enabled).
+
+    A candidate taken from the cache whose checkpoint this host does not have (a flow run
+    retried on another worker, with ``VISIONPIPE_HOME`` on local disk) is trained again here
+    (``refresh_cache``): evaluation and registration read that file.
+    """
+    runs: list[tuple[Any, tuple[Any, ...]]] = [
+        (finetune_backbone, (finetune_cfg, dataset, weights, context))]
+    if googlenet_cfg.enabled:
+        runs.append((train_googlenet, (googlenet_cfg, dataset, context)))
+    futures = [task_.submit(*args) for task_, args in runs]
+    candidates = []
+    for (task_, args), future in zip(runs, futures, strict=True):
+        candidate: Candidate = future.result()
+        if not Path(candidate.result.best_checkpoint).is_file():
+            run_logger().warning("%s: the cached result's checkpoint %s is not on this host; "
+                                 "training it again", candidate.name, candidate.result.best_checkpoint)
+            candidate = task_.with_options(refresh_cache=True)(*args)
+        candidates.append(candidate)
+    return candidates
+
+
 def _finish(name: str, run_id: str, result: TrainResult, lineage: dict[str, str]) -> Candidate:
     """Record the outcome on the candidate's run and close it."""
     if result.skipped_phases:

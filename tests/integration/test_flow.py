@@ -156,6 +156,38 @@ def test_out_of_memory_retries_once_with_half_the_batch(
     assert (tmp_path / "fired").exists()
 
 
+def test_a_cached_candidate_whose_checkpoint_is_not_on_this_host_is_trained_again(
+    harness: Path, tmp_path: Path
+) -> None:
+    """A flow run retried on another worker finds the stage cached, but not its checkpoint."""
+    import shutil
+
+    from prefect import flow
+
+    from tasks.train import train_candidates
+    from visionpipe.config import WeightsConfig
+    from visionpipe.weights import fetch_weights
+
+    _, dataset, context = _googlenet_task_inputs("moved-host")
+    config = PipelineConfig.model_validate(TINY)
+    config.googlenet.enabled = False
+    weights = fetch_weights(WeightsConfig.model_validate(TINY["weights"]), "resnet18")
+
+    @flow
+    def retried_elsewhere() -> tuple[str, str]:
+        first = train_candidates(config.finetune, config.googlenet, dataset, weights, context)[0]
+        shutil.rmtree(Path(first.result.best_checkpoint).parent)  # the first worker's disk
+        again = train_candidates(config.finetune, config.googlenet, dataset, weights, context)[0]
+        return first.result.best_checkpoint, again.result.best_checkpoint
+
+    state = retried_elsewhere(return_state=True)
+    assert state.is_completed(), state.message
+    first, again = state.result()
+    assert Path(again).is_file()
+    runs = asyncio.run(_task_run_states(str(state.state_details.flow_run_id)))
+    assert sorted(s for n, s in runs if n == "finetune-backbone") == ["Cached", "Completed", "Completed"]
+
+
 def test_an_odd_batch_out_of_memory_keeps_the_global_batch_or_says_why_it_cannot(
     harness: Path,
 ) -> None:
