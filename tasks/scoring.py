@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from prefect import task
+import uuid
+
+from prefect import runtime, task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import retry_transient
-from visionpipe import tracking
+from visionpipe import faults, tracking
 from visionpipe.scoring import ScoringSummary, score_images
 
 
@@ -21,14 +23,17 @@ def score_images_task(model_uri: str, source: str, output: str, batch_size: int)
 def record_scoring(summary: ScoringSummary, experiment: str) -> str:
     """One MLflow run per scoring job, and a Prefect artifact with the same summary."""
     experiment_id = tracking.ensure_experiment(experiment)
-    run_id = tracking.start_run(experiment_id, "score-images", tags={
-        "model_uri": summary.model_uri, "source": summary.source, "output": summary.output})
+    # Tagged with this task run: a retry (the same task run) continues its first attempt's run.
+    run_id, _ = tracking.find_or_start_run(experiment_id, "score-images", {
+        "model_uri": summary.model_uri, "source": summary.source, "output": summary.output,
+        "prefect.task_run_id": str(runtime.task_run.id or uuid.uuid4())}, "prefect.task_run_id")
     metrics = {"images": summary.images, "unreadable": summary.unreadable,
                "mean_probability": summary.mean_probability}
     if summary.folder_accuracy is not None:
         metrics["folder_accuracy"] = summary.folder_accuracy
     tracking.log_metrics(run_id, metrics)
     tracking.end_run(run_id)
+    faults.inject("raise", "record-scoring")  # test hook: a failure once the run is complete
     lines = [f"# Scored {summary.images} images with `{summary.model_uri}`", "",
              f"- source: `{summary.source}`", f"- predictions: `{summary.output}`",
              f"- unreadable: {summary.unreadable}", f"- mean probability: {summary.mean_probability:.3f}",

@@ -6,7 +6,7 @@ from prefect import runtime, task
 from pydantic import BaseModel
 
 from tasks.common import per_flow_run
-from visionpipe import tracking
+from visionpipe import faults, tracking
 from visionpipe.config import PipelineConfig
 
 
@@ -24,10 +24,13 @@ def open_tracking_run(config: PipelineConfig) -> TrackingContext:
     """One MLflow parent run per flow run, tagged with the flow run and the git commit."""
     flow_run_id = str(runtime.flow_run.id or "local")
     experiment_id = tracking.ensure_experiment(config.experiment)
-    run_id = tracking.start_run(
-        experiment_id, f"train-image-classifiers/{runtime.flow_run.name or 'local'}",
-        tags={"prefect.flow_run_id": flow_run_id, "git_commit": tracking.git_commit()},
-    )
+    name = f"train-image-classifiers/{runtime.flow_run.name or 'local'}"
+    tags = {"prefect.flow_run_id": flow_run_id, "git_commit": tracking.git_commit()}
+    if runtime.flow_run.id:  # a retry continues the run its first attempt created
+        run_id, _ = tracking.find_or_start_run(experiment_id, name, tags, "prefect.flow_run_id")
+    else:
+        run_id = tracking.start_run(experiment_id, name, tags=tags)
+    faults.inject("raise", "open-tracking-run")  # test hook: a failure once the run exists
     tracking.log_config(run_id, config)
     return TrackingContext(experiment_id=experiment_id, parent_run_id=run_id, flow_run_id=flow_run_id)
 

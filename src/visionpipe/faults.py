@@ -3,6 +3,7 @@
 The variable holds comma-separated entries ``<kind>:<where>[@<once-file>]``:
 
 - ``raise:<rank>``: that DDP rank raises ``RuntimeError`` when training starts (transient);
+  ``raise:open-tracking-run`` and ``raise:record-scoring`` do the same once their MLflow run exists;
 - ``oom:<rank>``: that rank raises ``torch.OutOfMemoryError`` in its first training step;
 - ``bug:<stage>``: the stage (e.g. ``register``, or ``node1`` for a multi-node run's node 1) raises an ``AssertionError`` (deterministic);
 - ``die:<rank>``: that rank kills itself with SIGKILL when its second epoch starts, after the
@@ -53,4 +54,5 @@ def inject(kind: str, where: str | int) -> None:
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected on rank {where})")
     if kind == "bug":
         raise InjectedBugError(f"injected bug in {where}")
-    raise InjectedFault(f"injected fault on rank {where}")
+    place = f"on rank {where}" if str(where).isdigit() else f"in {where}"
+    raise InjectedFault(f"injected fault {place}")

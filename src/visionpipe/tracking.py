@@ -105,6 +105,20 @@ def resume_or_start_run(experiment_id: str, name: str, parent_run_id: str,
     return start_run(experiment_id, name, parent_run_id, tags), False
 
 
+def find_or_start_run(experiment_id: str, name: str, tags: Mapping[str, str],
+                      key: str) -> tuple[str, bool]:
+    """The run of ``experiment_id`` tagged ``key`` = ``tags[key]``, reopened, or a new one.
+
+    A retried task whose first attempt created its run and then failed continues that run
+    instead of leaving it RUNNING beside a second one.
+    """
+    found = client().search_runs([experiment_id], f"tags.`{key}` = '{tags[key]}'", max_results=1)
+    if found:
+        client().update_run(found[0].info.run_id, status="RUNNING")
+        return str(found[0].info.run_id), True
+    return start_run(experiment_id, name, tags=tags), False
+
+
 def end_run(run_id: str, failed: bool = False) -> None:
     status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
     client().set_terminated(run_id, status=status)

@@ -57,7 +57,9 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, P
     mp.undo()
 
 
-def test_score_images_writes_parquet_locally_and_to_s3(champion: tuple[Path, Path], s3_env: str) -> None:
+def test_score_images_writes_parquet_locally_and_to_s3(
+    champion: tuple[Path, Path], s3_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flows.score_images import score_images
 
     home, folder = champion
@@ -74,6 +76,14 @@ def test_score_images_writes_parquet_locally_and_to_s3(champion: tuple[Path, Pat
     runs = tracking.client().search_runs(
         [tracking.client().get_experiment_by_name("visionpipe-scoring").experiment_id])
     assert len(runs) == 2 and runs[0].data.metrics["images"] == 7
+    # record-scoring fails once after its run is complete: the retry continues that run.
+    monkeypatch.setenv("VISIONPIPE_INJECT_FAULT", f"raise:record-scoring@{home / 'fired'}")
+    score_images(str(folder), str(home / "out" / "again.parquet"))
+    assert (home / "fired").exists()
+    runs = tracking.client().search_runs(
+        [tracking.client().get_experiment_by_name("visionpipe-scoring").experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    monkeypatch.delenv("VISIONPIPE_INJECT_FAULT")
     from prefect.exceptions import ParameterTypeError
 
     for bad in (0, -1):  # refused at the form, before the model loads or a file is written

@@ -188,6 +188,29 @@ def test_a_cached_candidate_whose_checkpoint_is_not_on_this_host_is_trained_agai
     assert sorted(s for n, s in runs if n == "finetune-backbone") == ["Cached", "Completed", "Completed"]
 
 
+def test_a_retried_open_tracking_run_continues_the_run_it_created(
+    harness: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from prefect import flow
+
+    from tasks.tracking import open_tracking_run
+
+    monkeypatch.setenv("VISIONPIPE_INJECT_FAULT", f"raise:open-tracking-run@{tmp_path / 'fired'}")
+
+    @flow
+    def opens() -> str:
+        return open_tracking_run.with_options(retry_delay_seconds=0)(
+            PipelineConfig.model_validate(TINY)).parent_run_id
+
+    state = opens(return_state=True)
+    assert state.is_completed(), state.message
+    assert (tmp_path / "fired").exists(), "the first attempt failed after creating its run"
+    mlflow = tracking.client()
+    parents = mlflow.search_runs([mlflow.get_experiment_by_name("visionpipe").experiment_id],
+                                 f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'")
+    assert [r.info.run_id for r in parents] == [state.result()]
+
+
 def test_an_odd_batch_out_of_memory_keeps_the_global_batch_or_says_why_it_cannot(
     harness: Path,
 ) -> None:
