@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import Flow, serve
@@ -49,9 +50,11 @@ def _flows(source: str | None) -> dict[str, Flow[..., Any]]:
             for name, entrypoint in ENTRYPOINTS.items()}
 
 
-def deployments(source: str | None = None) -> list[RunnerDeployment]:
+def deployments(source: str | None = None,
+                only: Sequence[str] = tuple(ENTRYPOINTS)) -> list[RunnerDeployment]:
+    """The deployments of the flows named in ``only`` (all by default)."""
     flows = _flows(source)
-    return [
+    every = [
         flows["train-image-classifiers"].to_deployment(
             "nightly", schedule=Cron("0 2 * * *", timezone="Europe/Berlin"),
             parameters={"config": NIGHTLY.model_dump(mode="json")}, tags=["nightly"],
@@ -65,14 +68,18 @@ def deployments(source: str | None = None) -> list[RunnerDeployment]:
             "ddp-node", tags=["ddp"], description="One node of a multi-node GoogLeNet launch; "
             "started by train-googlenet, one run per node."),
     ]
+    return [deployment for deployment in every if deployment.flow_name in only]
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="Serve the deployments (make serve).")
     parser.add_argument("--limit", type=int, default=None,
                         help="most flow runs this process runs at once (e.g. one node run per host)")
+    parser.add_argument("--flows", nargs="+", choices=list(ENTRYPOINTS), default=list(ENTRYPOINTS),
+                        help="serve only these flows' deployments. Limit ddp-node alone: a "
+                        "training run waits for its node runs, and would hold the only slot")
     args = parser.parse_args(argv)
-    serve(*deployments(), limit=args.limit)
+    serve(*deployments(only=args.flows), limit=args.limit)
     return 0
 
 

@@ -93,8 +93,9 @@ def train_on_nodes(cfg: GoogLeNetConfig, dataset: PreparedDataset, context: Trac
     its checkpoints reachable from this process (downloaded into ``local_dir`` from S3)."""
     logger = run_logger()
     task_run = TaskRunContext.get().task_run  # type: ignore[union-attr]
-    # Always a new id per attempt, also from a configured one: a retry never meets the old world.
-    rdzv_id = rendezvous_id(cfg.launch.rdzv_id or str(task_run.id), max(1, task_run.run_count))
+    # A new id per task run and attempt, also with a configured base: a retry never meets the
+    # old world, and a later run never reuses an earlier one's node runs.
+    rdzv_id = rendezvous_id(str(task_run.id), max(1, task_run.run_count), base=cfg.launch.rdzv_id)
     endpoint = resolve_endpoint(cfg.launch.rdzv_endpoint, rdzv_id)
     shared = shared_stage_dir(cfg, context, stage)
     low, high = cfg.launch.node_range

@@ -261,8 +261,9 @@ class LaunchConfig(_Config):
         "Kubernetes headless service.",
     )
     rdzv_id: str | None = Field(
-        None, description="Base of the rendezvous id (empty: the task run's id); the attempt "
-        "number is always appended, so a retry never meets the world it replaces.")
+        None, description="Base of the multi-node rendezvous id; the task run's id and the "
+        "attempt number always follow it, so neither a retry nor a later run meets another's "
+        "world.")
     rdzv_timeout_s: float = Field(
         300.0, gt=0, description="How long nodes wait for each other: the pre-flight wait for "
         "the endpoint and for node 0's token, and torchrun's rendezvous join timeout.")

@@ -46,6 +46,15 @@ def _pod_spec(template: dict) -> dict:
     return template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
 
 
+def test_the_node_deployment_can_be_served_alone_with_its_own_limit() -> None:
+    from deployments.serve import ENTRYPOINTS
+
+    assert [(d.flow_name, d.name) for d in deployments(only=["ddp-node"])] == [("ddp-node", "ddp-node")]
+    rest = deployments(only=["train-image-classifiers", "score-images"])
+    assert {d.flow_name for d in rest} == {"train-image-classifiers", "score-images"}
+    assert {d.flow_name for d in deployments()} == set(ENTRYPOINTS)
+
+
 @pytest.mark.parametrize("path", [BASE_TEMPLATE, DDP_TEMPLATE], ids=lambda p: p.name)
 def test_every_placeholder_of_a_pool_template_is_a_declared_variable(path: Path) -> None:
     template = json.loads(path.read_text())

@@ -46,6 +46,12 @@ def test_rendezvous_ids_differ_per_attempt_and_fit_in_a_dns_label() -> None:
     assert first != second and first.startswith(run.replace("-", "")[:12])
     assert all(re.fullmatch(r"[a-z0-9][-a-z0-9]*[a-z0-9]", i) for i in (first, second))
     assert resolve_endpoint("vp-{rdzv_id}-0.svc:29400", first) == f"vp-{first}-0.svc:29400"
+    # A configured base leads, and each run still gets its own id: tonight's node runs are not
+    # last night's (their idempotency keys are built from it).
+    tonight, last_night = (rendezvous_id(str(uuid.uuid4()), 1, base="Nightly_GoogLeNet")
+                           for _ in range(2))
+    assert tonight != last_night and tonight.startswith("nightlygoogl-") and tonight.endswith("-a1")
+    assert all(re.fullmatch(r"[a-z0-9][-a-z0-9]*[a-z0-9]", i) for i in (tonight, last_night))
 
 
 def test_torchrun_command_names_the_host_of_the_store() -> None:
@@ -53,6 +59,9 @@ def test_torchrun_command_names_the_host_of_the_store() -> None:
     cmd = torchrun_command(launch, Path("job.json"), 4, "abc-a1", endpoint="10.0.0.5:29400",
                            is_host=False)
     assert "--nnodes=1:2" in cmd and "--rdzv-id=abc-a1" in cmd and "--rdzv-backend=c10d" in cmd
+    configured = torchrun_command(launch.model_copy(update={"rdzv_id": "base"}), Path("job.json"),
+                                  4, "base-1234abcd-a2")
+    assert "--rdzv-id=base-1234abcd-a2" in configured, "the computed id, never the bare base"
     assert "--rdzv-conf=join_timeout=90,is_host=false" in cmd
 
 

@@ -99,7 +99,7 @@ def torchrun_command(launch: LaunchConfig, job_path: Path, nproc: int, rdzv_id: 
         f"--nnodes={launch.nnodes}", f"--nproc-per-node={nproc}",
         f"--rdzv-backend={launch.rdzv_backend}",
         f"--rdzv-endpoint={endpoint or launch.rdzv_endpoint}",
-        f"--rdzv-id={launch.rdzv_id or rdzv_id}", f"--rdzv-conf={','.join(conf)}",
+        f"--rdzv-id={rdzv_id}", f"--rdzv-conf={','.join(conf)}",
         f"--max-restarts={launch.max_restarts}",
         "--tee=3",  # every line of every rank comes back through our pipe, prefixed by its rank
         "-m", WORKER_MODULE, str(job_path),

@@ -62,12 +62,19 @@ class NodeOutcome(BaseModel):
     result: TrainResult | None = None
 
 
-def rendezvous_id(flow_run_id: str, attempt: int) -> str:
-    """Unique to the parent flow run and its attempt, and a valid DNS label part.
+def rendezvous_id(run_id: str, attempt: int, base: str | None = None) -> str:
+    """Unique to the parent's task run and its attempt, and a valid DNS label part.
 
-    A new attempt gets a new id, so a straggler of the failed attempt never joins its world.
+    A new attempt gets a new id, so a straggler of the failed attempt never joins its world. A
+    configured ``base`` leads the id, and the run still follows it: tonight's run must not meet
+    (or, through the node runs' idempotency keys, reuse) last night's.
     """
-    return f"{re.sub(r'[^a-z0-9]', '', flow_run_id.lower())[:12]}-a{attempt}"
+    def clean(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    if base and clean(base):
+        return f"{clean(base)[:12]}-{clean(run_id)[:8]}-a{attempt}"
+    return f"{clean(run_id)[:12]}-a{attempt}"
 
 
 def resolve_endpoint(template: str, rdzv_id: str) -> str:
