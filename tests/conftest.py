@@ -1,4 +1,4 @@
-"""Shared fixtures: a private VISIONPIPE_HOME, and real local servers (moto S3) on 127.0.0.1."""
+"""Shared fixtures: a private VISIONPIPE_HOME, and real local servers (moto S3, HTTP) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.servers import WeightsServer, serve_http
 
 
 @pytest.fixture()
@@ -47,3 +49,10 @@ def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     # Tests never use more threads than the machine has cores.
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture()
+def http_server() -> Iterator[WeightsServer]:
+    """An HTTP server on 127.0.0.1 serving what each test puts on it (``serve``)."""
+    with serve_http() as server:
+        yield server

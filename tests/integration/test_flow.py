@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ import pytest
 import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.train_image_classifiers import train_image_classifiers
 from visionpipe import tracking
@@ -28,18 +26,6 @@ TINY = {
         {"name": "full", "trainable": ["*"], "epochs": 1, "lr": 2e-3}]},
     "googlenet": {"epochs": 1, "batch_size": 8, "launch": {"nproc_per_node": 2}},
 }
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("flowhome")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VISIONPIPE_HOME", str(home))
-    mp.setenv("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield home
-    mp.undo()
 
 
 async def _artifact_keys(flow_run_id: str) -> set[str]:

@@ -64,16 +64,23 @@ def _register(name: str, checkpoint: Path, dataset: PreparedDataset, work: Path,
     return registry.register_version(name, model, uri, run_id, tags)
 
 
+def _champion(trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch,
+              work: Path, name: str, model: str) -> tuple[PreparedDataset, registry.Registration]:
+    """The briefly trained model, registered under ``model`` and promoted to its champion."""
+    home, dataset, good, _ = trained
+    monkeypatch.setenv("VISIONPIPE_HOME", str(home))
+    version = _register(name, good, dataset, work, model=model)
+    assert registry.gate_champion(version, dataset, "top1", "champion").promoted
+    return dataset, version
+
+
 def test_the_champion_is_the_starting_weights_of_a_next_fine_tune(
     trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from visionpipe.config import WeightsConfig
     from visionpipe.weights import fetch_weights
 
-    home, dataset, good, _ = trained
-    monkeypatch.setenv("VISIONPIPE_HOME", str(home))
-    version = _register("next", good, dataset, tmp_path, model="digits-start")
-    registry.gate_champion(version, dataset, "top1", "champion")
+    dataset, version = _champion(trained, monkeypatch, tmp_path, "next", "digits-start")
     tags = tracking.client().get_model_version("digits-start", version.version).tags
     assert tags["init_weights_sha256"] == "0" * 64 and tags["init_weights_source"] == "random-init"
     fetched = fetch_weights(WeightsConfig(uri="models:/digits-start@champion"), "resnet18")
@@ -189,10 +196,7 @@ print(json.dumps({"columns": list(out.columns), "labels": out["label"].tolist(),
 def test_consumer_in_a_fresh_process_loads_the_champion_and_predicts_raw_images(
     trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    home, dataset, good, _ = trained
-    monkeypatch.setenv("VISIONPIPE_HOME", str(home))
-    version = _register("consumer", good, dataset, tmp_path, model="digits-consumer")
-    registry.gate_champion(version, dataset, "top1", "champion")
+    dataset, _ = _champion(trained, monkeypatch, tmp_path, "consumer", "digits-consumer")
     manifest = pd.read_parquet(dataset.manifest_path)
     test = manifest[manifest["split"] == "test"].sort_values("path")
     paths = [str(Path(dataset.root) / p) for p in test["path"]]
@@ -203,7 +207,7 @@ def test_consumer_in_a_fresh_process_loads_the_champion_and_predicts_raw_images(
     assert answer["columns"] == ["label", "class_name", "probability"]
     assert "'image': binary" in answer["schema"]
     accuracy = (pd.Series(answer["labels"]) == test["label"].reset_index(drop=True)).mean()
-    expected = evaluate_checkpoint("good", good, dataset, 64, tmp_path / "eval").metrics["top1"]
+    expected = evaluate_checkpoint("good", trained[2], dataset, 64, tmp_path / "eval").metrics["top1"]
     # The pyfunc applies the training preprocessing itself: same predictions as evaluation.
     assert accuracy == pytest.approx(expected)
     assert all(0.0 < p <= 1.0 for p in answer["probability"])

@@ -5,11 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
-import threading
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +21,8 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.logging.handlers import APILogHandler
-from prefect.testing.utilities import prefect_test_harness
 
+from tests.servers import WeightsServer
 from visionpipe.config import WeightsConfig
 from visionpipe.weights import FetchedWeights, load_state_dict_file
 
@@ -41,58 +36,6 @@ def _tiny_bytes() -> bytes:
     buffer = io.BytesIO()
     torch.save(torch.nn.Linear(4, 3).state_dict(), buffer)
     return buffer.getvalue()
-
-
-@dataclass
-class Server:
-    """127.0.0.1 HTTP server: ``failing[path]`` statuses are answered first, then ``body``."""
-
-    url: str = ""
-    body: bytes = b""
-    failing: dict[str, list[int]] = field(default_factory=dict)
-    hits: Counter[str] = field(default_factory=Counter)
-
-
-@pytest.fixture()
-def server() -> Iterator[Server]:
-    state = Server(body=_tiny_bytes())
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            state.hits[self.path] += 1
-            pending = state.failing.get(self.path)
-            if pending:
-                self.send_error(pending.pop(0))
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(state.body)))
-            self.end_headers()
-            self.wfile.write(state.body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("weightshome")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VISIONPIPE_HOME", str(home))
-    mp.setenv("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield home
-    mp.undo()
 
 
 @flow(name="fetch-weights-probe")
@@ -135,30 +78,31 @@ async def _shown(flow_run_id: str) -> str:
                       *(r.model_dump_json() for r in runs)])
 
 
-def test_a_deleted_weights_cache_is_fetched_again(harness: Path, server: Server) -> None:
-    cfg = WeightsConfig(uri=f"{server.url}/w/deleted.pth", attempts=1)
+def test_a_deleted_weights_cache_is_fetched_again(harness: Path, http_server: WeightsServer) -> None:
+    cfg = WeightsConfig(uri=http_server.serve("/w/deleted.pth", _tiny_bytes()), attempts=1)
     first, run_id = _run(cfg)
     assert _states(run_id) == ["Completed"]
     second, run_id = _run(cfg)
     assert second == first and _states(run_id) == ["Cached"]
-    assert server.hits["/w/deleted.pth"] == 1
+    assert http_server.hits["/w/deleted.pth"] == 1
 
     shutil.rmtree(harness / "weights")  # the cached result now names a missing file
     third, run_id = _run(cfg)
     assert third.sha256 == first.sha256 and Path(third.path).is_file()
     assert _states(run_id) == ["Cached", "Completed"]
-    assert server.hits["/w/deleted.pth"] == 2
+    assert http_server.hits["/w/deleted.pth"] == 2
 
 
 def test_a_cached_random_init_is_not_reused_once_the_source_is_back(
-    harness: Path, server: Server
+    harness: Path, http_server: WeightsServer
 ) -> None:
-    server.failing["/w/flaky.pth"] = [503]  # down for the first run's only attempt
-    cfg = WeightsConfig(uri=f"{server.url}/w/flaky.pth", attempts=1, on_unavailable="random-init")
+    # Down for the first run's only attempt.
+    url = http_server.serve("/w/flaky.pth", _tiny_bytes(), fail_first=(503,))
+    cfg = WeightsConfig(uri=url, attempts=1, on_unavailable="random-init")
     first, run_id = _run(cfg)
     assert first.random_init
     # A random init made by the run itself is kept: the source was asked just now.
-    assert _states(run_id) == ["Completed"] and server.hits["/w/flaky.pth"] == 1
+    assert _states(run_id) == ["Completed"] and http_server.hits["/w/flaky.pth"] == 1
 
     second, run_id = _run(cfg)
     assert not second.random_init and second.sha256 != first.sha256
@@ -167,11 +111,11 @@ def test_a_cached_random_init_is_not_reused_once_the_source_is_back(
     assert third == second and _states(run_id) == ["Cached"]
 
 
-def test_credentials_in_the_uri_are_never_shown(harness: Path, server: Server) -> None:
+def test_credentials_in_the_uri_are_never_shown(harness: Path, http_server: WeightsServer) -> None:
     secret = "?X-Amz-Credential=AKIASECRET&X-Amz-Signature=SIGSECRET"
-    ok = WeightsConfig(uri=f"{server.url}/w/ok.pth{secret}", attempts=1)
+    ok = WeightsConfig(uri=http_server.serve(f"/w/ok.pth{secret}", _tiny_bytes()), attempts=1)
     # A bare token in the userinfo (urllib cannot send it, so this source is "down").
-    down = WeightsConfig(uri=f"http://T0KENSECRET@{server.url.split('//')[1]}/w/down.pth{secret}",
+    down = WeightsConfig(uri=f"http://T0KENSECRET@{http_server.url.split('//')[1]}/w/down.pth{secret}",
                          attempts=1, on_unavailable="random-init")
     for cfg in (ok, down):
         weights, run_id = _run(cfg)

@@ -1,0 +1,61 @@
+"""A real HTTP server on 127.0.0.1 for the tests that download weights."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class WeightsServer:
+    """A ThreadingHTTPServer on 127.0.0.1 that serves bytes and counts requests per path."""
+
+    url: str = ""
+    routes: dict[str, bytes] = field(default_factory=dict)
+    failures: dict[str, list[int]] = field(default_factory=dict)
+    hits: Counter[str] = field(default_factory=Counter)
+
+    def serve(self, path: str, body: bytes, fail_first: tuple[int, ...] = ()) -> str:
+        """Serve ``body`` at ``path`` after answering ``fail_first`` statuses; return its URL."""
+        self.routes[path] = body
+        self.failures[path] = list(fail_first)
+        return self.url + path
+
+
+@contextmanager
+def serve_http() -> Iterator[WeightsServer]:
+    """Start a ThreadingHTTPServer on a free 127.0.0.1 port; stop it on exit."""
+    state = WeightsServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.hits[self.path] += 1
+            pending = state.failures.get(self.path)
+            if self.path not in state.routes:
+                self.send_error(404)
+            elif pending:
+                self.send_error(pending.pop(0))
+            else:
+                body = state.routes[self.path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:  # keep pytest output readable
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    # A short poll interval makes shutdown quick.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
