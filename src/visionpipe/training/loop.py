@@ -286,7 +286,6 @@ def place_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, steps_done: int
     scheduler._last_lr = rates  # what get_last_lr() reports
 
 
-
 def pick_device(requested: str) -> torch.device:
     """``auto`` is CUDA when present, else the CPU; asking for CUDA without one is an error."""
     if requested == "cuda" and not torch.cuda.is_available():

@@ -238,8 +238,9 @@ def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
     """This rank's training batches of an epoch, and its share of the validation split.
 
     Rank r validates images r, r + world, r + 2 world, ...: every image once on one rank (a
-    DistributedSampler would repeat some to even the shards out, and count them twice). In memory (small datasets, on the GPU with the fast path), or streamed from disk by
-    DataLoader workers when the training split is larger than ``fast.memory_limit_gb``.
+    DistributedSampler would repeat some to even the shards out, and count them twice). In
+    memory (small datasets, on the GPU with the fast path), or streamed from disk by DataLoader
+    workers when the training split is larger than ``fast.memory_limit_gb``.
     """
     if not cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
         train_x, train_y = load_split(dataset, "train")
@@ -255,9 +256,10 @@ def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
                if ctx.distributed else None)
     options = {"device": ctx.device, "num_workers": cfg.fast.num_workers,
                "decode_on_device": fast.decode_on_device}
+    per_rank = len(sampler) if sampler is not None else count
     train = StreamingLoader(dataset, "train", cfg.batch_size, shuffle=True, augment=cfg.augment,
                             seed=cfg.seed, sampler=sampler, flip=False,
-                            drop_last=drops_lone_last(len(sampler) if sampler is not None else count, cfg.batch_size),
+                            drop_last=drops_lone_last(per_rank, cfg.batch_size),
                             **options)  # type: ignore[arg-type]
     val_share = range(ctx.rank, dataset.split_counts["val"], ctx.world_size)
     val = StreamingLoader(dataset, "val", cfg.batch_size * 2, shuffle=False, augment=False, seed=0,
