@@ -180,6 +180,10 @@ def test_max_per_class_is_seeded_and_order_independent() -> None:
     assert select_per_class(reversed(files), 5, seed=0) == chosen
     assert select_per_class(files, 5, seed=1) != chosen
     assert select_per_class(files, None, seed=0) == sorted(files, key=lambda f: f.relpath)
+    # One file more or less in the source changes at most one file of the selection.
+    for changed in (files + [SourceFile("a/new.png", "/x/a/new.png")], files[1:]):
+        again = select_per_class(changed, 5, seed=0)
+        assert len(set(again) - set(chosen)) <= 1 and len(again) == 10
 
 
 def test_fingerprint_tracks_listing_and_config(tmp_path: Path, vp_home: Path) -> None:

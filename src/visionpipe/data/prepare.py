@@ -22,7 +22,7 @@ from visionpipe.settings import cache_dir
 log = logging.getLogger(__name__)
 
 # Part of every source fingerprint: bump it when preparation changes what it produces.
-PREPARE_VERSION = "2"  # 2: splits by a per-image key, stable across versions
+PREPARE_VERSION = "3"  # 2: splits by a per-image key; 3: max_per_class keeps files by a key too
 
 
 class PreparedDataset(BaseModel):

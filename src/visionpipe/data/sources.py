@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -93,15 +92,21 @@ def materialize_source(
 def select_per_class(
     files: Iterable[SourceFile], max_per_class: int | None, seed: int
 ) -> list[SourceFile]:
-    """Keep at most ``max_per_class`` files per class, the same ones whatever the listing order."""
+    """Keep at most ``max_per_class`` files per class, the same ones whatever the listing order.
+
+    The files of a class are ranked by a hash of the seed, the class and the file's path, and
+    the first ``max_per_class`` kept: a file added to or removed from the source changes at most
+    one other file's place in the selection (a seeded sample of the whole list would change it
+    entirely, and with it the dataset version and its splits).
+    """
     by_class: dict[str, list[SourceFile]] = defaultdict(list)
     for file in sorted(files, key=lambda f: f.relpath):
         by_class[file.class_name].append(file)
     chosen: list[SourceFile] = []
     for name, group in sorted(by_class.items()):
         if max_per_class is not None and len(group) > max_per_class:
-            # A string seed is hashed with sha512 by random.Random: stable across runs and hosts.
-            group = random.Random(f"{seed}/{name}").sample(group, max_per_class)
+            group = sorted(group, key=lambda f: hashlib.sha256(
+                f"{seed}/{name}/{f.relpath}".encode()).digest())[:max_per_class]
         chosen.extend(group)
     return sorted(chosen, key=lambda f: f.relpath)
 
