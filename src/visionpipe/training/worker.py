@@ -205,7 +205,7 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
             state.step = 0
             train = EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds)
             val_start = time.perf_counter()
-            val_top1 = validate(trainer.model, val_loader, criterion, ctx)
+            val_top1 = validate(trainer.model, val_loader, criterion, ctx, fast)
             _end_epoch(trainer, epoch, train, val_top1, time.perf_counter() - val_start)
     out_dir = Path(job.out_dir)
     return TrainResult(best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
@@ -378,14 +378,16 @@ def _preempt(trainer: _Trainer, steps_done: int) -> None:
     raise Preempted
 
 
-def validate(model: nn.Module, share: Batches, criterion: nn.Module, ctx: DistContext) -> float:
+def validate(model: nn.Module, share: Batches, criterion: nn.Module, ctx: DistContext,
+             fast: FastPath | None = None) -> float:
     """Top-1 of rank 0's model over the validation split, each rank scoring its own share.
 
     Rank 0's BatchNorm statistics go to every rank first, so all score the model rank 0 saves;
-    the sums of correct answers and of images are then added up over the ranks.
+    the sums of correct answers and of images are then added up over the ranks. ``fast`` (the
+    training's fast path) runs it in bf16 and channels-last on a GPU, as the fine-tune's is.
     """
     broadcast_buffers(model, ctx)
-    local = evaluate(model, share, criterion, ctx.device)
+    local = evaluate(model, share, criterion, ctx.device, fast)  # autocast as in training
     return EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds).top1
 
 
