@@ -24,7 +24,7 @@ def record_scoring(summary: ScoringSummary, experiment: str) -> str:
     """One MLflow run per scoring job, and a Prefect artifact with the same summary."""
     experiment_id = tracking.ensure_experiment(experiment)
     # Tagged with this task run: a retry (the same task run) continues its first attempt's run.
-    run_id, _ = tracking.find_or_start_run(experiment_id, "score-images", {
+    run_id = tracking.find_or_start_run(experiment_id, "score-images", {
         "model_uri": summary.model_uri, "source": summary.source, "output": summary.output,
         "prefect.task_run_id": str(runtime.task_run.id or uuid.uuid4())}, "prefect.task_run_id")
     metrics = {"images": summary.images, "unreadable": summary.unreadable,

@@ -27,7 +27,7 @@ def open_tracking_run(config: PipelineConfig) -> TrackingContext:
     name = f"train-image-classifiers/{runtime.flow_run.name or 'local'}"
     tags = {"prefect.flow_run_id": flow_run_id, "git_commit": tracking.git_commit()}
     if runtime.flow_run.id:  # a retry continues the run its first attempt created
-        run_id, _ = tracking.find_or_start_run(experiment_id, name, tags, "prefect.flow_run_id")
+        run_id = tracking.find_or_start_run(experiment_id, name, tags, "prefect.flow_run_id")
     else:
         run_id = tracking.start_run(experiment_id, name, tags=tags)
     faults.inject("raise", "open-tracking-run")  # test hook: a failure once the run exists

@@ -54,9 +54,8 @@ class RegistryError(MlflowException):
     """A registry call failed; the message says what, and what was (not) changed. Keeps MLflow's
     error code, so callers can still tell a transient failure from a permanent one."""
 
-    def __init__(self, message: str, cause: MlflowException | None = None) -> None:
-        code = cause.error_code if cause is not None else "INTERNAL_ERROR"
-        super().__init__(message, error_code=ErrorCode.Value(code))
+    def __init__(self, message: str, cause: MlflowException) -> None:
+        super().__init__(message, error_code=ErrorCode.Value(cause.error_code))
 
 
 def _describe(exc: MlflowException) -> str:

@@ -94,29 +94,30 @@ def start_run(experiment_id: str, name: str, parent_run_id: str | None = None,
 def resume_or_start_run(experiment_id: str, name: str, parent_run_id: str,
                         tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
     """The nested run ``name`` of this parent (a retried task continues it), or a new one."""
-    found = client().search_runs(
-        [experiment_id],
-        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{name}'",
-        max_results=1,
-    )
+    found = _reopen(experiment_id,
+                    f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.mlflow.runName = '{name}'")
     if found:
-        client().update_run(found[0].info.run_id, status="RUNNING")
-        return str(found[0].info.run_id), True
+        return found, True
     return start_run(experiment_id, name, parent_run_id, tags), False
 
 
-def find_or_start_run(experiment_id: str, name: str, tags: Mapping[str, str],
-                      key: str) -> tuple[str, bool]:
+def find_or_start_run(experiment_id: str, name: str, tags: Mapping[str, str], key: str) -> str:
     """The run of ``experiment_id`` tagged ``key`` = ``tags[key]``, reopened, or a new one.
 
     A retried task whose first attempt created its run and then failed continues that run
     instead of leaving it RUNNING beside a second one.
     """
-    found = client().search_runs([experiment_id], f"tags.`{key}` = '{tags[key]}'", max_results=1)
-    if found:
-        client().update_run(found[0].info.run_id, status="RUNNING")
-        return str(found[0].info.run_id), True
-    return start_run(experiment_id, name, tags=tags), False
+    return (_reopen(experiment_id, f"tags.`{key}` = '{tags[key]}'")
+            or start_run(experiment_id, name, tags=tags))
+
+
+def _reopen(experiment_id: str, filter_string: str) -> str | None:
+    """The id of the run that ``filter_string`` finds, marked RUNNING again; None if none."""
+    found = client().search_runs([experiment_id], filter_string, max_results=1)
+    if not found:
+        return None
+    client().update_run(found[0].info.run_id, status="RUNNING")
+    return str(found[0].info.run_id)
 
 
 def end_run(run_id: str, failed: bool = False) -> None:
