@@ -157,7 +157,8 @@ def _scale_grads(optimizer: torch.optim.Optimizer, factor: float) -> None:
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                fast: FastPath | None) -> tuple[torch.Tensor, torch.Tensor]:
     images = images.to(device, non_blocking=True)
-    if fast is not None and fast.channels_last:
+    # Images only: the frozen phase's cached features are N x C, which have no NHWC form.
+    if fast is not None and fast.channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True)
 
