@@ -13,10 +13,11 @@ import torch
 from pydantic import BaseModel
 from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
+from visionpipe.config import FastPathConfig
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.models import ModelSpec, build_model, inference_weights
 from visionpipe.training.checkpoint import load_checkpoint
-from visionpipe.training.loop import pick_device, predict_logits
+from visionpipe.training.loop import apply_fast_path, pick_device, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,13 @@ def evaluate_checkpoint(
     """Score ``checkpoint`` on ``dataset``'s test split and write CSV, PNG and JSON reports."""
     dev = pick_device(device)
     model, spec = load_trained_model(checkpoint)
-    model.to(dev)
+    # Scored in float32 (no bf16 autocast), in the device's memory format for convolutions.
+    fast = FastPathConfig(autocast_bf16=False, compile=False).resolve(dev.type)
+    model = apply_fast_path(model.to(dev), fast)
     loader = build_loader(*load_split(dataset, "test"), batch_size=batch_size, shuffle=False,
                           augment=False, seed=0)
     start = time.perf_counter()
-    logits, labels = predict_logits(model, loader, dev)
+    logits, labels = predict_logits(model, loader, dev, fast)
     seconds = time.perf_counter() - start
     metrics, per_class, matrix = classification_metrics(logits, labels, spec.class_names)
     metrics["images_per_s"] = len(labels) / seconds if seconds > 0 else 0.0

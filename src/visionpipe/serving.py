@@ -41,7 +41,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         self.model = build_model(self.spec)
         state = torch.load(context.artifacts["state_dict"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
-        self.model.eval()
+        # NHWC: oneDNN's and cuDNN's convolutions run faster on it (same float32 arithmetic).
+        self.model.eval().to(memory_format=torch.channels_last)
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -59,7 +60,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     @torch.inference_mode()
     def _predict_batch(self, images: list[bytes]) -> pd.DataFrame:
         batch = torch.stack([to_uint8_tensor(open_image(b), self.spec.image_size) for b in images])
-        probs = torch.softmax(self.model(normalize(batch)).float(), dim=1)  # N x classes
+        pixels = normalize(batch).contiguous(memory_format=torch.channels_last)
+        probs = torch.softmax(self.model(pixels).float(), dim=1)  # N x classes
         confidence, label = probs.max(dim=1)
         return pd.DataFrame({
             "label": label.numpy().astype("int64"),
