@@ -20,16 +20,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from visionpipe.config import DataConfig
+from visionpipe.config import DataConfig, FastPathConfig
 from visionpipe.data import build_loader, load_split, normalize, prepare_dataset
 from visionpipe.models import build_googlenet, build_resnet, set_trainable, train_mode
-from visionpipe.training.loop import train_one_epoch, warmup_cosine
+from visionpipe.training.loop import apply_fast_path, train_one_epoch, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,30 +79,66 @@ def compare(name: str, model: nn.Module, images: torch.Tensor, labels: torch.Ten
         return plain_train_one_epoch(model, criterion, optimizer, plain_loader, device, aux_weight)
 
     ours(), plain()  # warm-up: oneDNN primitives, allocator
-    # This shared VM's speed drifts by several percent within a minute. Each round is an
-    # ABBA block (ours, plain, plain, ours; the next round BAAB), which cancels a steady drift
-    # within the round, and the ratio is the median of the rounds' ratios.
-    rates: dict[str, list[float]] = {"ours": [], "plain": []}
-    faults = {"ours": 0, "plain": 0}  # minor page faults: memory the allocator gave back and re-touched
+    medians, ratio, ratios, faults = abba_rounds(ours, plain, rounds)
+    print(f"{name:<10} ours {medians[0]:7.1f} img/s  plain {medians[1]:7.1f} img/s  "
+          f"ratio ours/plain {ratio:.3f} (median of {rounds} rounds: "
+          + " ".join(f"{r:.3f}" for r in ratios) + f"); page faults per epoch ours "
+          f"{faults[0]:.0f}, plain {faults[1]:.0f}", flush=True)
+    return ratio
+
+
+def abba_rounds(a: Callable[[], int], b: Callable[[], int], rounds: int
+                ) -> tuple[tuple[float, float], float, list[float], tuple[float, float]]:
+    """Images/s of ``a`` and ``b`` (each returns the images it trained on) in ABBA rounds.
+
+    This shared VM's speed drifts by several percent within a minute. Each round is an ABBA
+    block (a, b, b, a; the next round BAAB), which cancels a steady drift within the round.
+    Returns the median rates, the median of the rounds' ratios a/b, those ratios, and the
+    minor page faults per epoch of each (memory the allocator gave back and touched again).
+    """
+    rates: tuple[list[float], list[float]] = ([], [])
+    faults = [0, 0]
     ratios = []
     for round_ in range(rounds):
-        first, second = (("ours", ours), ("plain", plain))[:: 1 if round_ % 2 == 0 else -1]
-        seconds = {"ours": 0.0, "plain": 0.0}
-        count = {"ours": 0, "plain": 0}
-        for key, run in (first, second, second, first):
+        order = ((0, a), (1, b))[:: 1 if round_ % 2 == 0 else -1]
+        seconds, count = [0.0, 0.0], [0, 0]
+        for key, run in (order[0], order[1], order[1], order[0]):
             start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             count[key] += run()
             seconds[key] += time.perf_counter() - start
             faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        for key in rates:
+        for key in (0, 1):
             rates[key].append(count[key] / seconds[key])
-        ratios.append(rates["ours"][-1] / rates["plain"][-1])
-    medians = {k: statistics.median(v) for k, v in rates.items()}
-    ratio = statistics.median(ratios)
-    print(f"{name:<10} ours {medians['ours']:7.1f} img/s  plain {medians['plain']:7.1f} img/s  "
-          f"ratio ours/plain {ratio:.3f} (median of {rounds} rounds: "
-          + " ".join(f"{r:.3f}" for r in ratios) + f"); page faults per epoch ours "
-          f"{faults['ours'] / (2 * rounds):.0f}, plain {faults['plain'] / (2 * rounds):.0f}", flush=True)
+        ratios.append(rates[0][-1] / rates[1][-1])
+    return ((statistics.median(rates[0]), statistics.median(rates[1])), statistics.median(ratios),
+            ratios, (faults[0] / (2 * rounds), faults[1] / (2 * rounds)))
+
+
+def channels_last_speedup(name: str, build: Callable[[], nn.Module], images: torch.Tensor,
+                          labels: torch.Tensor, batch: int, rounds: int, aux_weight: float) -> float:
+    """Our loop on an NHWC model (the CPU default since 2026-12-01) over the same on NCHW."""
+    device = torch.device("cpu")
+    criterion = nn.CrossEntropyLoss()
+
+    def trainer(channels_last: bool) -> Callable[[], int]:
+        torch.manual_seed(0)
+        fast = FastPathConfig(channels_last=channels_last).resolve("cpu")
+        model = apply_fast_path(build(), fast)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def epoch() -> int:
+            train_mode(model)
+            batches = build_loader(images, labels, batch, shuffle=True, augment=False, seed=0)
+            return train_one_epoch(model, batches, optimizer, None, criterion, device, aux_weight,
+                                   fast=fast).count
+        return epoch
+
+    nhwc, nchw = trainer(True), trainer(False)
+    nhwc(), nchw()  # warm-up
+    medians, ratio, ratios, _ = abba_rounds(nhwc, nchw, rounds)
+    print(f"{name:<10} channels_last {medians[0]:7.1f} img/s  contiguous {medians[1]:7.1f} img/s  "
+          f"speedup {ratio:.3f} (median of {rounds} rounds: "
+          + " ".join(f"{r:.3f}" for r in ratios) + ")", flush=True)
     return ratio
 
 
@@ -185,6 +222,10 @@ def main() -> int:
     figures["full_ratio"] = compare("full", build_resnet("resnet50", 10), images, labels, batch,
                                     rounds, 0.0, False)
     figures["head_cache_speedup"] = head_cache_speedup(images, labels, batch, max(rounds, 3))
+    figures["googlenet_channels_last_speedup"] = channels_last_speedup(
+        "googlenet", lambda: build_googlenet(10, True), images, labels, batch, rounds, 0.3)
+    figures["full_channels_last_speedup"] = channels_last_speedup(
+        "full", lambda: build_resnet("resnet50", 10), images, labels, batch, rounds, 0.0)
     if not args.smoke:
         figures.update(whole_run())
     print(json.dumps({k: round(v, 4) for k, v in figures.items()}))

@@ -23,7 +23,8 @@ def _last_json(cmd: list[str]) -> dict[str, float]:
 
 def test_trainer_benchmark_smoke_reports_every_ratio() -> None:
     figures = _last_json([sys.executable, "bench/trainer.py", "--smoke"])
-    assert {"googlenet_ratio", "head_ratio", "full_ratio", "head_cache_speedup"} <= figures.keys()
+    assert {"googlenet_ratio", "head_ratio", "full_ratio", "head_cache_speedup",
+            "googlenet_channels_last_speedup", "full_channels_last_speedup"} <= figures.keys()
     assert all(v > 0 for v in figures.values())
 
 
