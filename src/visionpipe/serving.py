@@ -41,7 +41,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         self.model = build_model(self.spec)
         state = torch.load(context.artifacts["state_dict"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
-        # NHWC: oneDNN's and cuDNN's convolutions run faster on it (same float32 arithmetic).
+        # NHWC: oneDNN's CPU convolutions run faster on it, in the same float32 arithmetic.
         self.model.eval().to(memory_format=torch.channels_last)
 
     def predict(self, context: Any, model_input: pd.DataFrame,
