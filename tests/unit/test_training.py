@@ -253,6 +253,22 @@ def test_the_fast_path_resolves_per_device_and_trains_on_the_cpu_when_forced(
     assert result.epochs_run == 1 and math.isfinite(result.history[0]["train_loss"])
 
 
+def test_channels_last_leaves_cached_feature_batches_as_they_are() -> None:
+    """A frozen phase's cached features (N x C) train under the NHWC fast path, as on a GPU."""
+    from visionpipe.config import FastPathConfig
+    from visionpipe.training.loop import predict_logits, train_one_epoch
+
+    fast = FastPathConfig(channels_last=True).resolve("cpu")
+    head = nn.Linear(8, 3)
+    features, labels = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    stats = train_one_epoch(head, [(features, labels)], optimizer, None, nn.CrossEntropyLoss(),
+                            torch.device("cpu"), fast=fast)
+    assert stats.count == 6 and math.isfinite(stats.loss_sum)
+    logits, _ = predict_logits(head, [(features, labels)], torch.device("cpu"), fast)
+    assert logits.shape == (6, 3)
+
+
 def test_random_weights_with_only_frozen_phases_are_refused(tiny_digits: PreparedDataset,
                                                             tmp_path: Path) -> None:
     cfg = FinetuneConfig(arch="resnet18", batch_size=16,
