@@ -55,35 +55,83 @@ def _no_server_left(tmp_path: Path) -> Iterator[None]:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_the_flow_client_uses_the_server_started_early_and_it_stops_at_exit(tmp_path: Path) -> None:
+def test_the_flow_runs_on_the_server_started_early_which_stops_at_exit(tmp_path: Path) -> None:
     code = f"""
-import flows.__main__ as entry
-from prefect.client.orchestration import get_client
-from prefect.server.api.server import SubprocessASGIServer
+import sys
+import flows.ephemeral_api as early
 from tests.integration.test_entry import _servers_of
 from pathlib import Path
 
-starting = entry.start_ephemeral_api()
-assert starting is not None
-starting.join()
-server = SubprocessASGIServer()
-assert server.running
+api = early.start_ephemeral_api()
+assert api is not None
+api.wait_ready(120)
+from prefect import flow
+from prefect.client.orchestration import get_client
+
+@flow
+def hello() -> str:
+    return "hello"
+
+assert hello() == "hello"
 with get_client(sync_client=True) as client:
-    assert client.api_url.port == server.port, (client.api_url, server.port)
-    assert client.api_healthcheck() is None  # None: healthy
-assert _servers_of(Path({str(tmp_path)!r})) == [server.server_process.pid]  # one, not two
-print("ok", server.port)
+    assert client.api_url.port == api.port, (client.api_url, api.port)
+    assert len(client.read_flow_runs()) == 1
+# The point of starting it here: this process never imports Prefect's server module.
+assert "prefect.server.api.server" not in sys.modules
+assert _servers_of(Path({str(tmp_path)!r})) == [api.process.pid]  # one, not two
+print("ok", api.port)
 """
     out = _python(code, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok ")
+    assert "View at" not in out.stderr  # no link to a UI that the server does not serve
     assert _servers_of(tmp_path) == [], "the ephemeral API outlived its process"
 
 
+def test_a_port_taken_before_the_server_binds_it_is_replaced(tmp_path: Path) -> None:
+    code = f"""
+import socket
+import flows.ephemeral_api as early
+from tests.integration.test_entry import _servers_of
+from pathlib import Path
+
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()
+ports = [taken.getsockname()[1]]
+choose = early._free_port
+early._free_port = lambda: ports.pop() if ports else choose()
+api = early.start_ephemeral_api()
+first = api.port
+api.wait_ready(120)
+assert api.port != first and api.attempts == 2, (first, api.port, api.attempts)
+assert _servers_of(Path({str(tmp_path)!r})) == [api.process.pid]
+print("ok")
+"""
+    out = _python(code, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+    assert _servers_of(tmp_path) == []
+
+
+def test_a_server_that_cannot_start_is_named_and_nothing_is_left(tmp_path: Path) -> None:
+    code = """
+import sys
+sys.argv = ["flows"]
+import flows.__main__ as entry
+sys.exit(entry.main([]))
+"""
+    out = _python(code, tmp_path,
+                  PREFECT_SERVER_DATABASE_CONNECTION_URL="postgresql+asyncpg://nobody@127.0.0.1:9/none")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Prefect's ephemeral API server exited with code 3 while starting" in out.stderr
+    assert "PREFECT_API_URL" in out.stderr  # the fix is named
+    assert "Beginning flow run" not in out.stderr
+    assert _servers_of(tmp_path) == []
+
+
 def test_a_failed_import_stops_the_server_started_before_it(tmp_path: Path) -> None:
-    # The pipeline's import fails while the ephemeral API is still starting, before Prefect has
-    # registered the server's stop at exit. Without the entry's join-then-stop, the server
-    # outlived its process in 2 of 3 runs of this test.
+    # The pipeline's import fails while the ephemeral API is still starting.
     code = """
 import sys
 sys.modules["flows.train_image_classifiers"] = None  # its import fails at once
@@ -98,8 +146,8 @@ entry.main([])
 
 def test_a_configured_api_starts_no_ephemeral_server(tmp_path: Path) -> None:
     code = """
-import flows.__main__ as entry
-assert entry.start_ephemeral_api() is None
+import flows.ephemeral_api as early
+assert early.start_ephemeral_api() is None
 print("none")
 """
     out = _python(code, tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
@@ -130,10 +178,9 @@ def test_a_new_state_folder_starts_from_the_installs_migrated_database(
 from pathlib import Path
 import flows.prefect_database as templates
 templates.template_path = lambda: Path({str(template)!r})
-import flows.__main__ as entry
+import flows.ephemeral_api as early
+early.start_ephemeral_api().wait_ready(120)
 from prefect import flow
-
-entry.start_ephemeral_api().join()
 
 @flow
 def hello() -> str:
