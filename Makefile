@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml
 	# Prefect's migrations, run once here into an empty database that new state folders copy
 	# (flows/prefect_database.py): a first `make run` then skips them.
 	$(VENV)/bin/python -m flows.prefect_database
+	# The same for MLflow's embedded SQLite store (src/visionpipe/templates.py).
+	$(VENV)/bin/python -m visionpipe.templates
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,7 +16,6 @@ everything happens as before.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import tempfile
 from contextlib import closing
 from importlib.metadata import version
 from pathlib import Path
+
+from visionpipe.templates import seed_file
 
 _SQLITE = "sqlite+aiosqlite:///"
 
@@ -71,23 +72,9 @@ def ephemeral_database(connection_url: str | None) -> Path | None:
 def seed_database(database: Path, template: Path | None = None) -> bool:
     """Copy the template to ``database`` if there is no database there yet; True if copied.
 
-    The copy is put in place by a hard link, which fails if another process created the
-    database meanwhile: a database in use is never replaced. Where hard links are not
-    supported, nothing is copied and Prefect migrates a new database as it always does.
+    A database in use is never replaced (``visionpipe.templates.seed_file``).
     """
-    template = template or template_path()
-    if database.exists() or not template.is_file():
-        return False
-    database.parent.mkdir(parents=True, exist_ok=True)
-    tmp = database.with_name(f".{database.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(template, tmp)
-        os.link(tmp, database)
-    except OSError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    return True
+    return seed_file(database, template or template_path())
 
 
 if __name__ == "__main__":

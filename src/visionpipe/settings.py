@@ -20,7 +20,12 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{visionpipe_home() / 'mlflow.db'}"
+    return f"sqlite:///{embedded_tracking_db()}"
+
+
+def embedded_tracking_db() -> Path:
+    """The SQLite file of the embedded MLflow store (used when ``MLFLOW_TRACKING_URI`` is unset)."""
+    return visionpipe_home() / "mlflow.db"
 
 
 def artifact_root() -> Path:

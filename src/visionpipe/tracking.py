@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Mapping
@@ -16,7 +18,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
-from visionpipe import settings
+from visionpipe import settings, templates
 from visionpipe.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,17 @@ class TrackingUnavailable(RuntimeError):
 def configure_tracking() -> str:
     """Point the fluent MLflow API at the configured server or the embedded SQLite database."""
     uri = settings.tracking_uri()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # A new state folder's database starts from the install's migrated one.
+        templates.seed_file(settings.embedded_tracking_db(), _mlflow_template())
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+@functools.cache
+def _mlflow_template() -> Path:
+    return templates.mlflow_template_path()
 
 
 def client() -> MlflowClient:

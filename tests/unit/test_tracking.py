@@ -89,3 +89,47 @@ def test_an_unreachable_tracking_server_is_named_without_its_password(
     message = str(err.value)
     assert f"127.0.0.1:{port}" in message and "MLFLOW_TRACKING_URI" in message
     assert "hunter2" not in message
+
+
+def test_a_new_state_folder_starts_from_the_installs_migrated_mlflow_database(
+        vp_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+    from contextlib import closing
+
+    from visionpipe import templates
+
+    stale = tmp_path / "share" / "mlflow-0.0.1.db"
+    stale.parent.mkdir()
+    stale.write_bytes(b"another MLflow version's")
+    template = templates.make_mlflow_template(tmp_path / "share" / "mlflow-test.db")  # MLflow's own
+    assert template.is_file() and not stale.exists()
+    with closing(sqlite3.connect(template)) as db, db:
+        assert db.execute("SELECT count(*) FROM experiments").fetchone() == (0,)
+        db.execute("CREATE TABLE visionpipe_mark (x)")  # a mark only the template carries
+    monkeypatch.setattr(tracking, "_mlflow_template", lambda: template)
+
+    experiment_id = tracking.ensure_experiment("seeded")
+    database = settings.embedded_tracking_db()
+    with closing(sqlite3.connect(database)) as db:
+        assert db.execute("SELECT count(*) FROM visionpipe_mark").fetchone() == (0,)
+    # MLflow made its Default experiment where it would in a new database, and ours after it.
+    experiments = {e.name: e for e in tracking.client().search_experiments()}
+    assert experiments["Default"].experiment_id == "0"
+    assert experiments["Default"].artifact_location == str(Path.cwd() / "mlruns" / "0")
+    assert experiments["seeded"].experiment_id == experiment_id == "1"
+    # A database that exists is never replaced, not even by a newer template.
+    before = database.read_bytes()
+    assert templates.seed_file(database, template) is False
+    assert database.read_bytes() == before
+    assert not list(database.parent.glob(".mlflow.db.*.tmp"))
+
+
+def test_a_configured_tracking_uri_is_never_seeded(
+        vp_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    template = tmp_path / "template.db"
+    template.write_bytes(b"not to be copied")
+    monkeypatch.setattr(tracking, "_mlflow_template", lambda: template)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'configured.db'}")
+    tracking.ensure_experiment("configured")
+    assert not settings.embedded_tracking_db().exists()
+    assert (tmp_path / "configured.db").read_bytes()[:15] == b"SQLite format 3"
