@@ -13,7 +13,7 @@ from tasks.evaluate import evaluate_candidates
 from tasks.register import register_model
 from tasks.tracking import close_tracking_run, open_tracking_run
 from tasks.timings import record_timings
-from tasks.train import train_candidates
+from tasks.train import start_googlenet, train_candidates
 from tasks.weights import fetch_pretrained_weights, fetch_pretrained_weights_cached
 from visionpipe import registry, settings, tracking
 from visionpipe.config import PipelineConfig, quickstart
@@ -30,21 +30,23 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
     """Train image classifiers and register the best one.
 
     1. open-tracking-run: one MLflow parent run for this flow run
-    2. prepare-dataset: ingest, validate, split, version (cached on the source)
+    2. prepare-dataset: ingest, validate, split, version (cached on the source; alongside 1)
     3. fetch-pretrained-weights: verified and cached (alongside 1 and 2)
-    4. finetune-backbone: head on a frozen backbone, then everything
-       train-googlenet: Inception v1 from scratch, DDP under torchrun (alongside)
+    4. train-googlenet: Inception v1 from scratch, DDP under torchrun (from the dataset on)
+       finetune-backbone: head on a frozen backbone, then everything (alongside, from the weights on)
     5. evaluate-candidates: the same held-out test split for all
     6. register-model: a version per candidate; the champion alias moves only for a better one
     7. record-timings: wall time per stage, and the share spent outside the training loops
     """
     fetching = fetch_pretrained_weights.submit(config.weights, config.finetune.arch)
-    context = open_tracking_run(config)
+    opening = open_tracking_run.submit(config)
     dataset = prepare_dataset_cached(config.data)
+    context = opening.result()
     log_dataset(dataset, context)
+    scratch = start_googlenet(config.googlenet, dataset, context)
     # Fetched again if the cached file is gone or the cached result is a random init.
     weights = fetch_pretrained_weights_cached(config.weights, config.finetune.arch, fetching)
-    candidates = train_candidates(config.finetune, config.googlenet, dataset, weights, context)
+    candidates = train_candidates(config.finetune, dataset, weights, context, alongside=scratch)
     evaluations = evaluate_candidates(candidates, dataset, config.evaluation, context)
     decision = register_model(candidates, evaluations, dataset, config.registry,
                               config.model_name, context)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import threading
 
 import torch
-from prefect import task
+from prefect import Task, task
 from prefect.concurrency.sync import concurrency
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture
 from pydantic import BaseModel
 
 from tasks.common import per_flow_run, retry_transient, run_logger
@@ -95,29 +97,44 @@ def finetune_backbone(cfg: FinetuneConfig, dataset: PreparedDataset, weights: Fe
     return _finish(name, run_id, result, lineage)
 
 
-def train_candidates(finetune_cfg: FinetuneConfig, googlenet_cfg: GoogLeNetConfig,
-                     dataset: PreparedDataset, weights: FetchedWeights,
-                     context: TrackingContext) -> list[Candidate]:
-    """finetune-backbone and, alongside it, train-googlenet (when enabled).
+@dataclass(frozen=True)
+class Started:
+    """A training task submitted to run alongside what the flow does next."""
 
-    A candidate taken from the cache whose checkpoint this host does not have (a flow run
-    retried on another worker, with ``VISIONPIPE_HOME`` on local disk) is trained again here
-    (``refresh_cache``): evaluation and registration read that file.
-    """
-    runs: list[tuple[Any, tuple[Any, ...]]] = [
-        (finetune_backbone, (finetune_cfg, dataset, weights, context))]
-    if googlenet_cfg.enabled:
-        runs.append((train_googlenet, (googlenet_cfg, dataset, context)))
-    futures = [task_.submit(*args) for task_, args in runs]
-    candidates = []
-    for (task_, args), future in zip(runs, futures, strict=True):
-        candidate: Candidate = future.result()
+    task_: Task[..., Candidate]
+    args: tuple[Any, ...]
+    future: PrefectFuture[Candidate]
+
+    def candidate(self) -> Candidate:
+        """Its result; trained again here if the cached result's checkpoint is not on this host.
+
+        That happens when a flow run is retried on another worker with ``VISIONPIPE_HOME`` on
+        local disk (``refresh_cache``): evaluation and registration read that file.
+        """
+        candidate: Candidate = self.future.result()
         if not Path(candidate.result.best_checkpoint).is_file():
             run_logger().warning("%s: the cached result's checkpoint %s is not on this host; "
                                  "training it again", candidate.name, candidate.result.best_checkpoint)
-            candidate = task_.with_options(refresh_cache=True)(*args)
-        candidates.append(candidate)
-    return candidates
+            candidate = self.task_.with_options(refresh_cache=True)(*self.args)
+        return candidate
+
+
+def start_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
+                    context: TrackingContext) -> list[Started]:
+    """train-googlenet submitted now (it needs no pretrained weights); nothing when disabled."""
+    if not cfg.enabled:
+        return []
+    args = (cfg, dataset, context)
+    return [Started(task_=train_googlenet, args=args, future=train_googlenet.submit(*args))]
+
+
+def train_candidates(cfg: FinetuneConfig, dataset: PreparedDataset, weights: FetchedWeights,
+                     context: TrackingContext, alongside: list[Started]) -> list[Candidate]:
+    """finetune-backbone, next to the trainings already started; the fine-tune's candidate first."""
+    args = (cfg, dataset, weights, context)
+    runs = [Started(task_=finetune_backbone, args=args, future=finetune_backbone.submit(*args)),
+            *alongside]
+    return [run.candidate() for run in runs]
 
 
 def _finish(name: str, run_id: str, result: TrainResult, lineage: dict[str, str]) -> Candidate:

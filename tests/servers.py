@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,12 +19,23 @@ class WeightsServer:
     routes: dict[str, bytes] = field(default_factory=dict)
     failures: dict[str, list[int]] = field(default_factory=dict)
     hits: Counter[str] = field(default_factory=Counter)
+    holds: dict[str, Callable[[], bool]] = field(default_factory=dict)
+    released: Counter[str] = field(default_factory=Counter)
 
     def serve(self, path: str, body: bytes, fail_first: tuple[int, ...] = ()) -> str:
         """Serve ``body`` at ``path`` after answering ``fail_first`` statuses; return its URL."""
         self.routes[path] = body
         self.failures[path] = list(fail_first)
         return self.url + path
+
+    def hold(self, path: str, until: Callable[[], bool]) -> str:
+        """Answer requests for ``path`` with 503 (unavailable), each only once ``until()`` is
+        true or 120 s have passed; its URL.
+
+        ``released[path]`` counts the requests answered because ``until()`` came true.
+        """
+        self.holds[path] = until
+        return self.serve(path, b"", fail_first=(503,) * 100)
 
 
 @contextmanager
@@ -34,6 +46,11 @@ def serve_http() -> Iterator[WeightsServer]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state.hits[self.path] += 1
+            if until := state.holds.get(self.path):
+                deadline = time.monotonic() + 120
+                while not until() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                state.released[self.path] += until()
             pending = state.failures.get(self.path)
             if self.path not in state.routes:
                 self.send_error(404)

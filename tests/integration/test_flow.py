@@ -12,6 +12,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.train_image_classifiers import train_image_classifiers
+from tests.servers import WeightsServer
 from visionpipe import tracking
 from visionpipe.config import GoogLeNetConfig, PipelineConfig
 
@@ -36,10 +37,17 @@ async def _artifact_keys(flow_run_id: str) -> set[str]:
     return {a.key for a in artifacts if a.key}
 
 
-def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(harness: Path) -> None:
+def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(
+        harness: Path, http_server: WeightsServer) -> None:
     config = PipelineConfig.model_validate(TINY)
+    # The weights' source answers (503: random init) only once GoogLeNet's launch has begun,
+    # which needs no weights: a flow that waited for them would wait here for 120 s.
+    config.weights.uri = http_server.hold(
+        "/resnet18.pth", until=lambda: any(harness.glob("runs/*/scratch-googlenet/job.json")))
+    config.weights.timeout_s = 600  # longer than the hold: the answer, not a timeout, ends it
     state = train_image_classifiers(config, return_state=True)
     assert state.is_completed(), state.message
+    assert http_server.released["/resnet18.pth"] == 1, "train-googlenet waited for the weights"
     summary = state.result()
     assert set(summary.metrics) == {"finetune-resnet18", "scratch-googlenet"}
     assert summary.decision.promoted and summary.champion_version is not None
@@ -156,14 +164,13 @@ def test_a_cached_candidate_whose_checkpoint_is_not_on_this_host_is_trained_agai
 
     _, dataset, context = _googlenet_task_inputs("moved-host")
     config = PipelineConfig.model_validate(TINY)
-    config.googlenet.enabled = False
     weights = fetch_weights(WeightsConfig.model_validate(TINY["weights"]), "resnet18")
 
     @flow
     def retried_elsewhere() -> tuple[str, str]:
-        first = train_candidates(config.finetune, config.googlenet, dataset, weights, context)[0]
+        first = train_candidates(config.finetune, dataset, weights, context, alongside=[])[0]
         shutil.rmtree(Path(first.result.best_checkpoint).parent)  # the first worker's disk
-        again = train_candidates(config.finetune, config.googlenet, dataset, weights, context)[0]
+        again = train_candidates(config.finetune, dataset, weights, context, alongside=[])[0]
         return first.result.best_checkpoint, again.result.best_checkpoint
 
     state = retried_elsewhere(return_state=True)
