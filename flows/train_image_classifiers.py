@@ -13,7 +13,7 @@ from tasks.evaluate import evaluate_candidates
 from tasks.register import register_model
 from tasks.tracking import close_tracking_run, open_tracking_run
 from tasks.timings import record_timings
-from tasks.train import start_googlenet, train_candidates
+from tasks.train import start_googlenet, stopped_on_error, train_candidates
 from tasks.weights import fetch_pretrained_weights, fetch_pretrained_weights_cached
 from visionpipe import registry, settings, tracking
 from visionpipe.config import PipelineConfig, quickstart
@@ -44,8 +44,9 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
     context = opening.result()
     log_dataset(dataset, context)
     scratch = start_googlenet(config.googlenet, dataset, context)
-    # Fetched again if the cached file is gone or the cached result is a random init.
-    weights = fetch_pretrained_weights_cached(config.weights, config.finetune.arch, fetching)
+    with stopped_on_error(scratch):  # a weights error fails the run now, not after GoogLeNet
+        # Fetched again if the cached file is gone or the cached result is a random init.
+        weights = fetch_pretrained_weights_cached(config.weights, config.finetune.arch, fetching)
     candidates = train_candidates(config.finetune, dataset, weights, context, alongside=scratch)
     evaluations = evaluate_candidates(candidates, dataset, config.evaluation, context)
     decision = register_model(candidates, evaluations, dataset, config.registry,

@@ -97,6 +97,12 @@ def finetune_backbone(cfg: FinetuneConfig, dataset: PreparedDataset, weights: Fe
     return _finish(name, run_id, result, lineage)
 
 
+# The stop of the GoogLeNet launch started by each flow run, by flow run id: what the flow sets
+# when a stage it waits for fails while GoogLeNet trains. Not a task parameter: those are hashed
+# into the cache key. Each start of the flow run (a retry too) gets a new, unset one.
+_STOPS: dict[str, threading.Event] = {}
+
+
 @dataclass(frozen=True)
 class Started:
     """A training task submitted to run alongside what the flow does next."""
@@ -104,6 +110,7 @@ class Started:
     task_: Task[..., Candidate]
     args: tuple[Any, ...]
     future: PrefectFuture[Candidate]
+    stop: threading.Event | None = None
 
     def candidate(self) -> Candidate:
         """Its result; trained again here if the cached result's checkpoint is not on this host.
@@ -125,7 +132,25 @@ def start_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
     if not cfg.enabled:
         return []
     args = (cfg, dataset, context)
-    return [Started(task_=train_googlenet, args=args, future=train_googlenet.submit(*args))]
+    stop = _STOPS[context.flow_run_id] = threading.Event()
+    return [Started(task_=train_googlenet, args=args, future=train_googlenet.submit(*args),
+                    stop=stop)]
+
+
+@contextmanager
+def stopped_on_error(started: list[Started]) -> Iterator[None]:
+    """Stop the trainings already started if the block fails.
+
+    A weights error should fail the run at once, not once GoogLeNet has trained to the end
+    (Prefect waits for running tasks before it ends a failed flow run).
+    """
+    try:
+        yield
+    except BaseException:
+        for run in started:
+            if run.stop is not None:
+                run.stop.set()
+        raise
 
 
 def train_candidates(cfg: FinetuneConfig, dataset: PreparedDataset, weights: FetchedWeights,
@@ -134,7 +159,9 @@ def train_candidates(cfg: FinetuneConfig, dataset: PreparedDataset, weights: Fet
     args = (cfg, dataset, weights, context)
     runs = [Started(task_=finetune_backbone, args=args, future=finetune_backbone.submit(*args)),
             *alongside]
-    return [run.candidate() for run in runs]
+    candidates = [run.candidate() for run in runs]
+    _STOPS.pop(context.flow_run_id, None)
+    return candidates
 
 
 def _finish(name: str, run_id: str, result: TrainResult, lineage: dict[str, str]) -> Candidate:
@@ -173,13 +200,14 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
     if cfg.launch.multinode:  # one flow run of the ddp-node deployment per node
         result = train_on_nodes(cfg, dataset, context, name, run_id, out_dir)
     else:
-        result = with_oom_fallback(
-            cfg, lambda c: _launch_worker(c, dataset, out_dir, run_id, context.flow_run_id[:12]))
+        stop = _STOPS.get(context.flow_run_id)  # None when the task is called on its own
+        result = with_oom_fallback(cfg, lambda c: _launch_worker(
+            c, dataset, out_dir, run_id, context.flow_run_id[:12], stop))
     return _finish(name, run_id, result, lineage)
 
 
 def _launch_worker(cfg: GoogLeNetConfig, dataset: PreparedDataset, out_dir: Path, run_id: str,
-                   rdzv_id: str) -> TrainResult:
+                   rdzv_id: str, stop: threading.Event | None = None) -> TrainResult:
     """Write the job, run torchrun, read rank 0's result; a preempted run says so."""
     job = WorkerJob(config=cfg, dataset=dataset, out_dir=str(out_dir),
                     result_path=str(out_dir / "result.json"), mlflow_run_id=run_id)
@@ -192,11 +220,14 @@ def _launch_worker(cfg: GoogLeNetConfig, dataset: PreparedDataset, out_dir: Path
     marker = out_dir / PREEMPTED_MARKER
     marker.unlink(missing_ok=True)
     with compute_slots(nproc):
+        if stop is not None and stop.is_set():  # asked while it waited for the compute
+            raise launch.LaunchStopped("train-googlenet was stopped before its launch: another "
+                                       "stage of the run failed (its error is the run's)")
         try:
             launch.run_torchrun(
                 cmd, cfg.launch.timeout_s,
                 lambda rank, line: logger.info("[rank %s] %s", "-" if rank is None else rank, line),
-                env=launch.worker_env(nproc))
+                env=launch.worker_env(nproc), stop=stop)
         except launch.LaunchError as exc:
             if marker.exists() and not isinstance(exc, launch.LaunchTimeout):
                 raise launch.Preempted(f"training was preempted ({marker.read_text().strip()}); "

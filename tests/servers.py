@@ -28,14 +28,14 @@ class WeightsServer:
         self.failures[path] = list(fail_first)
         return self.url + path
 
-    def hold(self, path: str, until: Callable[[], bool]) -> str:
-        """Answer requests for ``path`` with 503 (unavailable), each only once ``until()`` is
-        true or 120 s have passed; its URL.
+    def hold(self, path: str, until: Callable[[], bool], status: int = 503) -> str:
+        """Answer requests for ``path`` with ``status`` (503: unavailable), each only once
+        ``until()`` is true or 120 s have passed; its URL.
 
         ``released[path]`` counts the requests answered because ``until()`` came true.
         """
         self.holds[path] = until
-        return self.serve(path, b"", fail_first=(503,) * 100)
+        return self.serve(path, b"", fail_first=(status,) * 100)
 
 
 @contextmanager

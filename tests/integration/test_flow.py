@@ -90,6 +90,44 @@ def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(
     assert third.result().dataset_version == summary.dataset_version
 
 
+def test_a_weights_error_stops_googlenet_and_fails_the_run_at_once(
+        harness: Path, http_server: WeightsServer) -> None:
+    """GoogLeNet starts before the weights are there; their error fails the run without
+    waiting for GoogLeNet's training to end (Prefect waits for running tasks)."""
+    import time
+
+    config = PipelineConfig.model_validate(TINY)
+    config.googlenet.epochs = 200  # minutes of training if it were not stopped
+    config.weights.timeout_s = 600
+    config.weights.uri = http_server.hold(
+        "/gone/resnet18.pth", until=lambda: any(harness.glob("runs/*/scratch-googlenet/job.json")),
+        status=404)
+    start = time.monotonic()
+    state = train_image_classifiers(config, return_state=True)
+    seconds = time.monotonic() - start
+    assert state.is_failed()
+    assert "HTTP 404" in state.message and "correct weights.uri" in state.message, state.message
+    assert http_server.released["/gone/resnet18.pth"] == 1  # answered while GoogLeNet launched
+    runs = asyncio.run(_task_run_states(str(state.state_details.flow_run_id)))
+    assert [s for n, s in runs if n == "train-googlenet"] == ["Failed"], runs
+    assert not [n for n, _ in runs if n == "finetune-backbone"], runs
+    assert seconds < 120, f"the run waited {seconds:.0f} s for GoogLeNet"
+    assert not _workers_of(harness), "a rank outlived the stopped launch"
+
+
+def _workers_of(home: Path) -> list[int]:
+    """Pids of DDP workers whose job lies under ``home``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"visionpipe.training.worker" in cmdline and str(home).encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
 def _googlenet_task_inputs(flow_run_id: str) -> tuple[Any, Any, Any]:
     """The googlenet stage's config, a tiny dataset and a tracking context, outside a flow."""
     from tasks.tracking import TrackingContext

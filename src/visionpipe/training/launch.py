@@ -73,6 +73,14 @@ class LaunchTimeout(LaunchError):
     """The launch ran past its timeout and was killed."""
 
 
+class LaunchStopped(LaunchError):
+    """Whoever launched it asked it to stop (another stage failed); not worth a retry."""
+
+    @property
+    def transient(self) -> bool:
+        return False
+
+
 def default_nproc(launch: LaunchConfig) -> int:
     """Processes per node: as configured, else one per visible GPU, else (or with the gloo
     backend) 2 CPU processes."""
@@ -134,21 +142,33 @@ class _Tail:
 
 
 def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[int | None, str], None],
-                 env: dict[str, str] | None = None) -> None:
-    """Run ``cmd``, stream its lines to ``on_line(rank, text)``; raise LaunchError on failure."""
+                 env: dict[str, str] | None = None, stop: threading.Event | None = None) -> None:
+    """Run ``cmd``, stream its lines to ``on_line(rank, text)``; raise LaunchError on failure.
+
+    Setting ``stop`` kills the launch (within half a second) and raises LaunchStopped.
+    """
     tail = _Tail()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True, bufsize=1)
     reader = threading.Thread(target=_pump, args=(proc, tail, on_line), daemon=True)
     reader.start()
+    deadline = time.monotonic() + timeout_s
     try:
-        code = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        raise LaunchTimeout(f"torchrun ran past its timeout of {timeout_s:.0f} s and was killed; "
-                            "raise googlenet.launch.timeout_s or shorten the run") from None
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                code = proc.wait(timeout=max(0.0, min(left, 0.5) if stop is not None else left))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise LaunchTimeout(f"torchrun ran past its timeout of {timeout_s:.0f} s and was "
+                                        "killed; raise googlenet.launch.timeout_s or shorten the "
+                                        "run") from None
+                if stop is not None and stop.is_set():
+                    raise LaunchStopped("torchrun was stopped: another stage of the run failed "
+                                        "(its error is the run's)") from None
     except BaseException:
-        _kill_group(proc)  # cancelled or interrupted: never leave ranks holding the GPUs
+        _kill_group(proc)  # timed out, stopped or interrupted: never leave ranks holding the GPUs
         raise
     finally:
         reader.join(timeout=10)
