@@ -24,7 +24,7 @@ from contextlib import closing
 from importlib.metadata import version
 from pathlib import Path
 
-from visionpipe.templates import seed_file
+from visionpipe.templates import install_template, seed_file
 
 _SQLITE = "sqlite+aiosqlite:///"
 
@@ -52,11 +52,7 @@ def make_template(path: Path | None = None) -> Path:
         # Prefect's SQLite runs in WAL mode: all of it goes into the one file that is copied.
         with closing(sqlite3.connect(db)) as conn:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        os.replace(db, path)
-    for stale in path.parent.glob("prefect-*.db"):  # another Prefect version's
-        if stale != path:
-            stale.unlink(missing_ok=True)
-    return path
+        return install_template(db, path, "prefect-*.db")
 
 
 def ephemeral_database(connection_url: str | None) -> Path | None:

@@ -73,8 +73,13 @@ def make_mlflow_template(path: Path | None = None) -> Path:
             conn.execute("DELETE FROM experiments WHERE experiment_id = 0")
         with closing(sqlite3.connect(db)) as conn:
             conn.execute("VACUUM")
-        os.replace(db, path)
-    for stale in path.parent.glob("mlflow-*.db"):  # another MLflow version's
+        return install_template(db, path, "mlflow-*.db")
+
+
+def install_template(db: Path, path: Path, versions: str) -> Path:
+    """Put the migrated ``db`` at ``path``; remove the other versions' templates (``versions``)."""
+    os.replace(db, path)
+    for stale in path.parent.glob(versions):
         if stale != path:
             stale.unlink(missing_ok=True)
     return path
