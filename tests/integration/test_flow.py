@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -42,8 +43,7 @@ def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(
     config = PipelineConfig.model_validate(TINY)
     # The weights' source answers (503: random init) only once GoogLeNet's launch has begun,
     # which needs no weights: a flow that waited for them would wait here for 120 s.
-    config.weights.uri = http_server.hold(
-        "/resnet18.pth", until=lambda: any(harness.glob("runs/*/scratch-googlenet/job.json")))
+    config.weights.uri = http_server.hold("/resnet18.pth", until=_a_new_googlenet_launch(harness))
     config.weights.timeout_s = 600  # longer than the hold: the answer, not a timeout, ends it
     state = train_image_classifiers(config, return_state=True)
     assert state.is_completed(), state.message
@@ -99,9 +99,8 @@ def test_a_weights_error_stops_googlenet_and_fails_the_run_at_once(
     config = PipelineConfig.model_validate(TINY)
     config.googlenet.epochs = 200  # minutes of training if it were not stopped
     config.weights.timeout_s = 600
-    config.weights.uri = http_server.hold(
-        "/gone/resnet18.pth", until=lambda: any(harness.glob("runs/*/scratch-googlenet/job.json")),
-        status=404)
+    config.weights.uri = http_server.hold("/gone/resnet18.pth", until=_a_new_googlenet_launch(harness),
+                                          status=404)
     start = time.monotonic()
     state = train_image_classifiers(config, return_state=True)
     seconds = time.monotonic() - start
@@ -113,6 +112,13 @@ def test_a_weights_error_stops_googlenet_and_fails_the_run_at_once(
     assert not [n for n, _ in runs if n == "finetune-backbone"], runs
     assert seconds < 120, f"the run waited {seconds:.0f} s for GoogLeNet"
     assert not _workers_of(harness), "a rank outlived the stopped launch"
+
+
+def _a_new_googlenet_launch(home: Path) -> Callable[[], bool]:
+    """Whether a GoogLeNet launch has begun (its job written) since this was called."""
+    pattern = "runs/*/scratch-googlenet/job.json"
+    earlier = set(home.glob(pattern))  # the module's earlier tests share the state folder
+    return lambda: bool(set(home.glob(pattern)) - earlier)
 
 
 def _workers_of(home: Path) -> list[int]:
