@@ -20,6 +20,11 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
+    return embedded_tracking_uri()
+
+
+def embedded_tracking_uri() -> str:
+    """The embedded MLflow store's URI: SQLite inside the state folder."""
     return f"sqlite:///{embedded_tracking_db()}"
 
 

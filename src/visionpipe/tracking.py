@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ class TrackingUnavailable(RuntimeError):
 def configure_tracking() -> str:
     """Point the fluent MLflow API at the configured server or the embedded SQLite database."""
     uri = settings.tracking_uri()
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if uri == settings.embedded_tracking_uri():
         # A new state folder's database starts from the install's migrated one.
         templates.seed_file(settings.embedded_tracking_db(), _mlflow_template())
     mlflow.set_tracking_uri(uri)
