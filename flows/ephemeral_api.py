@@ -27,6 +27,7 @@ import urllib.request
 from typing import Any
 
 from flows.prefect_database import ephemeral_database, seed_database
+from visionpipe.errors import EphemeralAPIError
 
 log = logging.getLogger("prefect.server")
 
@@ -36,10 +37,6 @@ SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
               "PREFECT__SERVER_FINAL": "1"}
 STARTUP_FAILURE = 3  # uvicorn's exit code when it cannot start, e.g. the port was taken meanwhile
 PORT_ATTEMPTS = 3
-
-
-class EphemeralAPIError(RuntimeError):
-    """Prefect's ephemeral API did not come up."""
 
 
 class EphemeralAPI:

@@ -9,7 +9,6 @@ runs, fails fast when one fails (cancelling the others) and returns global rank 
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -19,15 +18,23 @@ from uuid import UUID
 
 from prefect import task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
-from prefect.states import Cancelled, Cancelling
+from prefect.states import Cancelled, Cancelling, Failed
 
 from tasks.common import run_logger
 from tasks.tracking import TrackingContext
 from visionpipe import settings
 from visionpipe.config import GoogLeNetConfig
+from visionpipe.errors import (
+    NODE_FAILED_DETERMINISTIC,
+    NODE_FAILED_TRANSIENT,
+    LaunchTimeout,
+    NodeRunFailed,
+    NodeTrainingError,
+    is_transient,
+)
 from visionpipe.data import PreparedDataset
 from visionpipe.training import launch
 from visionpipe.training.multinode import (
@@ -42,29 +49,10 @@ from visionpipe.training.multinode import (
 from visionpipe.training.result import TrainResult
 from visionpipe.training.shared import SharedStore
 
-# Failures a node run reports that another attempt would repeat: its configuration or its code.
-DETERMINISTIC_NODE_ERRORS = frozenset({
-    "PreflightError", "NodeTrainingError", "ValidationError", "ParameterTypeError", "ValueError",
-    "TypeError", "KeyError", "AssertionError", "CheckpointError", "DatasetError",
-    "InjectedBugError"})
-# Prefect's message of a flow run that raised: "Flow run encountered an exception: <Type>: ...".
-_EXCEPTION = re.compile(r"exception: (\w+):")
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED, StateType.CANCELLING}
 _NOT_STARTED = {StateType.SCHEDULED, StateType.PENDING, StateType.PAUSED}
 # After cancelling: longer than a worker's grace period (30 s) plus torchrun's teardown (20 s).
 CANCEL_WAIT_S = 90.0
-
-
-class NodeTrainingError(RuntimeError):
-    """A rank of this node raised a deterministic error (its input or code); not retried."""
-
-
-class NodeRunFailed(RuntimeError):
-    """A node run failed; the others were cancelled. ``transient``: whether a retry may help."""
-
-    def __init__(self, message: str, transient: bool) -> None:
-        super().__init__(message)
-        self.transient = transient
 
 
 @task(name="launch-node")
@@ -76,9 +64,17 @@ def launch_node(job: NodeJob) -> NodeOutcome:
         return run_node(job, local, lambda rank, line: logger.info(
             "[node %d rank %s] %s", job.node_index, "-" if rank is None else rank, line))
     except launch.LaunchError as exc:
-        if exc.transient:
+        if is_transient(exc):
             raise
         raise NodeTrainingError(str(exc)) from exc
+
+
+def node_failed(exc: Exception) -> State[Any]:
+    """The node run's final state: Failed, named by ``is_transient`` for the parent to read."""
+    run_logger().error("node failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    name = NODE_FAILED_TRANSIENT if is_transient(exc) else NODE_FAILED_DETERMINISTIC
+    return Failed(name=name, message=f"Flow run encountered an exception: "
+                                     f"{type(exc).__name__}: {exc}")
 
 
 def shared_stage_dir(cfg: GoogLeNetConfig, context: TrackingContext, stage: str) -> str:
@@ -173,7 +169,7 @@ def _wait(runs: list[FlowRun], min_nodes: int, finished: Callable[[], bool], dea
                 _cancel(late)
                 return
             if time.monotonic() > deadline:
-                raise launch.LaunchTimeout(
+                raise LaunchTimeout(
                     "the node runs did not finish within googlenet.launch.timeout_s + "
                     "rdzv_timeout_s; they were cancelled")
             time.sleep(poll_s)
@@ -182,16 +178,26 @@ def _wait(runs: list[FlowRun], min_nodes: int, finished: Callable[[], bool], dea
 def _failure(failed: list[FlowRun]) -> NodeRunFailed:
     """The error of the failed node runs: deterministic if any of them failed deterministically
     (the others usually died of it: a closed connection), else transient."""
-    def deterministic(run: FlowRun) -> bool:
-        match = _EXCEPTION.search((run.state.message or "") if run.state else "")
-        return bool(match and match.group(1) in DETERMINISTIC_NODE_ERRORS)
-
-    first = next((r for r in failed if deterministic(r)), failed[0])
+    first = next((r for r in failed if not _failed_transiently(r)), failed[0])
     state = first.state
     message = (state.message or state.name) if state else "unknown state"
     return NodeRunFailed(f"node run {first.name} ended {state.type.value if state else '?'}: "
                          f"{message}; the other node runs were cancelled",
-                         transient=not any(deterministic(r) for r in failed))
+                         transient=all(_failed_transiently(r) for r in failed))
+
+
+def _failed_transiently(run: FlowRun) -> bool:
+    """What the node run's final state says (``flows/ddp_node.py`` names it by ``is_transient``).
+
+    A run cancelled or crashed (its infrastructure, not its code) may pass on retry; one that
+    failed without a named state never ran its task: its parameters or its code were refused.
+    """
+    state = run.state
+    if state is None or state.type != StateType.FAILED:
+        return True
+    if state.name in (NODE_FAILED_TRANSIENT, NODE_FAILED_DETERMINISTIC):
+        return state.name == NODE_FAILED_TRANSIENT
+    return False
 
 
 def _cancel(runs: list[FlowRun], wait_s: float = 0.0) -> None:

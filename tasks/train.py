@@ -230,7 +230,7 @@ def _launch_worker(cfg: GoogLeNetConfig, dataset: PreparedDataset, out_dir: Path
                 env=launch.worker_env(nproc), stop=stop)
         except launch.LaunchError as exc:
             if marker.exists() and not isinstance(exc, launch.LaunchTimeout):
-                raise launch.Preempted(f"training was preempted ({marker.read_text().strip()}); "
+                raise launch.LaunchPreempted(f"training was preempted ({marker.read_text().strip()}); "
                                        "a retry resumes from its checkpoint") from exc
             raise
     return TrainResult.model_validate_json(Path(job.result_path).read_text())

@@ -12,11 +12,9 @@ from typing import Any
 
 import torch
 
+from visionpipe.errors import DigestError
+
 _CHUNK = 1 << 20
-
-
-class DigestError(RuntimeError):
-    """A file or its digest is missing, or the two do not match."""
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -21,13 +21,7 @@ from pathlib import Path
 
 import torch
 
-
-class InjectedFault(RuntimeError):
-    """A transient failure raised on purpose."""
-
-
-class InjectedBugError(AssertionError):
-    """A deterministic failure raised on purpose."""
+from visionpipe.errors import InjectedBugError, InjectedFault
 
 
 def _armed(kind: str, where: str) -> bool:

@@ -19,11 +19,9 @@ from pydantic import BaseModel
 
 from visionpipe import settings, templates
 from visionpipe.redaction import redact
+from visionpipe.errors import TrackingUnavailable
 
 log = logging.getLogger(__name__)
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server did not answer (after MLflow's own HTTP retries)."""
 
 
 def configure_tracking() -> str:

@@ -34,6 +34,7 @@ from visionpipe.digests import file_sha256
 from visionpipe.redaction import redact
 from visionpipe.config import WeightsConfig
 from visionpipe.settings import cache_dir, tracking_uri
+from visionpipe.errors import WeightsError, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,6 @@ _S3_TRANSIENT = {
     "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests",
 }
 _MLFLOW_TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
-
-
-class WeightsError(RuntimeError):
-    """Weights cannot be used; the message names what is wrong and how to fix it."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(redact(message))  # URLs may carry credentials
-
-
-class WeightsUnavailable(WeightsError):
-    """Every attempt to reach the weights' source failed on network errors."""
 
 
 class _Transient(Exception):
@@ -307,7 +297,7 @@ def _s3_chunks(uri: str) -> Iterator[bytes]:
     """Stream an S3 object through the project's path-style client."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    from visionpipe.data.errors import DatasetError
+    from visionpipe.errors import DatasetError
     from visionpipe.data.s3 import parse_s3_uri, s3_client
 
     try:

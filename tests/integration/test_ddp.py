@@ -123,3 +123,23 @@ def test_a_rank_that_raises_fails_the_launch_with_its_message(
         _run(torchrun_command(job.config.launch, path, 2, "fail"))
     assert err.value.rank == 1 and err.value.exit_code != 0
     assert "injected fault on rank 1" in str(err.value)
+    # Classified by the error file the rank wrote, not by its text: a retry may pass.
+    assert err.value.exception == "InjectedFault" and err.value.transient
+
+
+def test_a_rank_error_from_the_input_is_not_worth_a_retry(
+    tiny_job: tuple[WorkerJob, Path], tmp_path: Path
+) -> None:
+    job, _ = tiny_job
+    too_big = job.model_copy(update={"config": job.config.model_copy(update={"batch_size": 10_000})})
+    path = tmp_path / "big" / "job.json"
+    path.parent.mkdir()
+    path.write_text(too_big.model_dump_json())
+    with pytest.raises(LaunchError) as err:
+        _run(torchrun_command(job.config.launch, path, 2, "too-big"))
+    assert err.value.exception == "ValueError" and not err.value.transient
+    assert "batch_size 10000 is larger than" in str(err.value)
+    # The rank that raised first recorded it where the launcher reads it (torchrun stops the
+    # other, which may not get that far).
+    records = list((path.parent / "torchrun-logs").glob("*/attempt_0/*/error.json"))
+    assert records and all('"transient": false' in r.read_text() for r in records), records

@@ -139,23 +139,53 @@ def test_s3_checkpoints_go_up_and_come_back_down(s3_env: str, tmp_path: Path) ->
     assert store.read_token("r-a1.node0") == "host-a" and store.read_token("other") is None
 
 
-@pytest.mark.parametrize(("message", "transient"), [
-    ("Flow run encountered an exception: PreflightError: node 1: 4 NCCL process(es)", False),
-    ("Flow run encountered an exception: NodeTrainingError: DDP worker failed", False),
-    ("Flow run encountered an exception: LaunchError: DDP worker failed (rank 1 killed)", True),
-    ("Flow run encountered an exception: RendezvousUnreachable: node 1: did not answer", True),
-    ("Flow run was cancelled", True),
+@pytest.mark.parametrize(("state", "transient"), [
+    ({"type": "FAILED", "name": "FailedDeterministic"}, False),  # PreflightError, a rank's bug
+    ({"type": "FAILED", "name": "FailedTransient"}, True),  # a killed rank, no rendezvous
+    ({"type": "FAILED", "name": "Failed"}, False),  # its parameters were refused: never ran
+    ({"type": "CRASHED", "name": "Crashed"}, True),  # its infrastructure went away
+    ({"type": "CANCELLED", "name": "Cancelled"}, True),
 ])
-def test_a_failed_node_run_is_retried_only_when_a_retry_can_help(message: str, transient: bool) -> None:
-    from prefect.client.schemas.objects import FlowRun
-    from prefect.states import Failed
+def test_a_failed_node_run_is_retried_only_when_a_retry_can_help(
+    state: dict[str, str], transient: bool
+) -> None:
+    from prefect.client.schemas.objects import FlowRun, State
 
     from tasks.multinode import _failure
 
-    run = FlowRun(flow_id=uuid.uuid4(), name="scratch-googlenet-x-a1-node1", state=Failed(message=message))
+    message = "Flow run encountered an exception: SomeError: node 1 went wrong"
+    run = FlowRun(flow_id=uuid.uuid4(), name="scratch-googlenet-x-a1-node1",
+                  state=State(type=state["type"], name=state["name"], message=message))
     error = _failure([run])
     assert error.transient is transient
     assert "node1" in str(error) and message in str(error)
+
+
+def test_one_deterministic_node_makes_the_whole_failure_deterministic() -> None:
+    from prefect.client.schemas.objects import FlowRun, State
+
+    from tasks.multinode import _failure
+
+    runs = [FlowRun(flow_id=uuid.uuid4(), name=f"stage-x-node{i}",
+                    state=State(type="FAILED", name=name, message=f"node {i}"))
+            for i, name in enumerate(["FailedTransient", "FailedDeterministic"])]
+    error = _failure(runs)
+    assert not error.transient and "node1" in str(error)
+
+
+@pytest.mark.parametrize(("exc", "name"), [
+    (ValueError("bad input"), "FailedDeterministic"),
+    (ConnectionError("refused"), "FailedTransient"),
+])
+def test_a_node_run_names_its_failure_by_the_one_rule(exc: Exception, name: str) -> None:
+    from prefect.logging import disable_run_logger
+
+    from tasks.multinode import node_failed
+
+    with disable_run_logger():
+        state = node_failed(exc)
+    assert state.type.value == "FAILED" and state.name == name
+    assert f"{type(exc).__name__}: {exc}" in (state.message or "")
 
 
 def _tail(lines: list[str]) -> object:
@@ -168,7 +198,7 @@ def _tail(lines: list[str]) -> object:
 
 
 def test_a_rank_killed_by_a_signal_is_named_even_when_torchrun_observed_another_first() -> None:
-    from visionpipe.training.launch import _failure
+    from visionpipe.training.launch import RankFailure, _failure
 
     killed = _tail([
         "[default0]:RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:4242",
@@ -179,10 +209,24 @@ def test_a_rank_killed_by_a_signal_is_named_even_when_torchrun_observed_another_
         "Root Cause (first observed failure):", "[0]:", "  time      : 2026-11-28_03:00:00",
         "  host      : h", "  rank      : 0 (local_rank: 0)", "  exitcode  : 1 (pid: 11)",
         "  traceback : RuntimeError: [gloo] Connection closed by peer"])
-    error = _failure(1, killed)  # type: ignore[arg-type]
+    died_of_it = [RankFailure(0, "DistBackendError", True, "Connection closed by peer", 10)]
+    error = _failure(1, killed, died_of_it)  # type: ignore[arg-type]
     assert error.rank == 1 and error.rank_exit_code == -9 and error.transient
     assert "rank 1 ended with" in str(error) and error.exception is None
-    raised = _tail(["[default0]:ValueError: bad input", "Root Cause (first observed failure):",
-                    "[0]:", "  rank      : 0 (local_rank: 0)", "  exitcode  : 1 (pid: 11)"])
-    error = _failure(1, raised)  # type: ignore[arg-type]
-    assert error.rank == 0 and error.exception == "ValueError" and not error.transient
+
+
+def test_a_launch_is_classified_by_what_its_ranks_recorded() -> None:
+    from visionpipe.training.launch import RankFailure, _failure
+
+    raised = _tail(["[default0]:Traceback (most recent call last):", "[default1]:ValueError: bad",
+                    "Root Cause (first observed failure):", "[0]:",
+                    "  rank      : 0 (local_rank: 0)", "  exitcode  : 1 (pid: 11)"])
+    records = [RankFailure(0, "DistBackendError", True, "DistBackendError: closed", 10),
+               RankFailure(1, "ValueError", False, "ValueError: bad", 10)]
+    error = _failure(1, raised, records)  # type: ignore[arg-type]
+    assert error.exception == "ValueError" and not error.transient
+    assert "ValueError: bad" in str(error), "the lines of the rank that raised it"
+    error = _failure(1, raised, records[:1])  # type: ignore[arg-type]
+    assert error.exception == "DistBackendError" and error.transient
+    error = _failure(1, raised, [])  # type: ignore[arg-type]
+    assert error.exception is None and error.transient, "no rank raised: the machine's failure"

@@ -10,14 +10,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from visionpipe.data.errors import DatasetError
+    from visionpipe.errors import DatasetError
     from visionpipe.data.images import MEAN, STD, normalize, open_image, to_uint8_tensor
     from visionpipe.data.loading import ManifestImageDataset, build_loader, load_split
     from visionpipe.data.manifest import dataset_version, read_manifest
     from visionpipe.data.prepare import PreparedDataset, prepare_dataset, source_fingerprint
 
 _EXPORTS = {
-    "DatasetError": "errors",
+    "DatasetError": "visionpipe.errors",
     "MEAN": "images",
     "STD": "images",
     "normalize": "images",
@@ -40,4 +40,5 @@ def __getattr__(name: str) -> Any:
     """Import the module that defines ``name`` on first access."""
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"visionpipe.data.{_EXPORTS[name]}"), name)
+    module = _EXPORTS[name]
+    return getattr(importlib.import_module(module if "." in module else f"visionpipe.data.{module}"), name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from visionpipe.data.errors import DatasetError
+from visionpipe.errors import DatasetError
 
 
 def safe_extract_tar(archive: Path, target: Path) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import Dataset, Sampler
 
-from visionpipe.data.errors import DatasetError
+from visionpipe.errors import DatasetError
 from visionpipe.data.images import normalize, open_image, to_uint8_tensor
 from visionpipe.data.manifest import SPLITS, read_manifest
 from visionpipe.data.paths import confined_path

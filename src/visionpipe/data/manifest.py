@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from visionpipe.data.errors import DatasetError
+from visionpipe.errors import DatasetError
 from visionpipe.data.validate import ImageRecord
 
 log = logging.getLogger(__name__)

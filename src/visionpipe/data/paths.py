@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from visionpipe.data.errors import DatasetError
+from visionpipe.errors import DatasetError
 
 
 def confined_path(root: Path, relpath: str) -> Path:

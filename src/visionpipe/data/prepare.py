@@ -13,7 +13,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from visionpipe.config import DataConfig
-from visionpipe.data.errors import DatasetError
+from visionpipe.errors import DatasetError
 from visionpipe.data.manifest import SPLITS, build_manifest, dataset_version, write_manifest
 from visionpipe.data.sources import listing_fingerprint, materialize_source
 from visionpipe.data.validate import ValidationReport, validate_images

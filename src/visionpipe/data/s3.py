@@ -17,7 +17,7 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 
-from visionpipe.data.errors import DatasetError
+from visionpipe.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from PIL import Image
 
-from visionpipe.data.errors import DatasetError
+from visionpipe.errors import DatasetError
 from visionpipe.data.paths import confined_path
 from visionpipe.data.s3 import list_objects, parse_s3_uri, s3_client
 from visionpipe.data.s3_sync import sync_objects

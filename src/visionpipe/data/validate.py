@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import UnidentifiedImageError
 
-from visionpipe.data.errors import DatasetError
+from visionpipe.errors import DatasetError
 from visionpipe.data.images import open_image
 from visionpipe.data.paths import confined_path
 from visionpipe.data.sources import Materialized, SourceFile

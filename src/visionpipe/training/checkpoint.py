@@ -15,12 +15,9 @@ from visionpipe.digests import (
     load_with_digest,
     save_with_digest,
 )
+from visionpipe.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, damaged or not ours."""
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> str:

@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
 from visionpipe.config import LaunchConfig
+from visionpipe.errors import (
+    LaunchError,
+    LaunchPreempted,
+    LaunchStopped,
+    LaunchTimeout,
+    rank_failure_record,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 WORKER_MODULE = "visionpipe.training.worker"
 # torchrun's --tee prefixes each line of local rank N with "[default<N>]:" (the role name).
@@ -24,61 +39,58 @@ _PREFIX = re.compile(r"^\[(?:default|rank)(\d+)\]:(.*)$")
 _FAILED_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
 
 
-# Exceptions that a rank raises because of its input or its code: another attempt fails alike.
-DETERMINISTIC_ERRORS = frozenset({
-    "ValueError", "TypeError", "KeyError", "IndexError", "AttributeError", "AssertionError",
-    "NotImplementedError", "ImportError", "ModuleNotFoundError", "ZeroDivisionError",
-    "FileNotFoundError", "ValidationError", "DatasetError", "WeightsError", "CheckpointError",
-    "InjectedBugError",
-    # Handled once by the task (half the batch, twice the accumulation), not by blind retries.
-    "OutOfMemoryError",
-})
-_EXCEPTION_LINE = re.compile(r"^\s*(?:\[rank\d+\]:\s*)?(?:[\w.]+\.)?(\w+(?:Error|Exception))(?::|$)")
 _EXIT_CODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 # One failed rank of torchrun's summary: its global and local rank, and its exit code.
 _FAILURE_BLOCK = re.compile(
     r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+# torchrun keeps each rank's error file here, below the folder of the job file it was given.
+LOG_DIR_NAME = "torchrun-logs"
+_LOG_DIR_FLAG = "--log-dir="
 
 
-class LaunchError(RuntimeError):
-    """The launch failed; ``rank`` is the first failing rank when torchrun named one.
+@dataclass(frozen=True)
+class RankFailure:
+    """What a rank that raised wrote into its torchrun error file."""
 
-    ``rank_exit_code`` is that rank's own exit code (negative: killed by that signal) and
-    ``exception`` the name of the exception it raised, if it raised one.
-    """
-
-    def __init__(self, message: str, rank: int | None = None, exit_code: int | None = None,
-                 rank_exit_code: int | None = None, exception: str | None = None) -> None:
-        super().__init__(message)
-        self.rank, self.exit_code = rank, exit_code
-        self.rank_exit_code, self.exception = rank_exit_code, exception
-
-    @property
-    def transient(self) -> bool:
-        """A killed or preempted rank, or a failure that was not a deterministic exception."""
-        if self.rank_exit_code is not None and self.rank_exit_code < 0:
-            return True  # SIGKILL (out-of-memory killer), SIGTERM: the machine, not the code
-        return self.exception not in DETERMINISTIC_ERRORS
+    local_rank: int
+    name: str  # the exception's class name
+    transient: bool  # ``errors.is_transient`` of it, asked in the rank
+    message: str
+    timestamp: int
 
 
-class Preempted(LaunchError):
-    """The ranks were asked to stop (SIGTERM) and checkpointed: always worth a retry."""
-
-    @property
-    def transient(self) -> bool:
-        return True
+def record_failures(fn: Callable[P, R]) -> Callable[P, R | None]:
+    """torch's ``record`` with the rank's own ``is_transient`` answer in the error file."""
+    return record(fn, error_handler=_RankErrorHandler())
 
 
-class LaunchTimeout(LaunchError):
-    """The launch ran past its timeout and was killed."""
+class _RankErrorHandler(ErrorHandler):
+    def record_exception(self, e: BaseException) -> None:
+        path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if not path:  # not under torchrun: the traceback on stderr says it all
+            return
+        # torch's format (the launcher reads "message" and "timestamp"), plus our record.
+        data = {"message": {"message": f"{type(e).__name__}: {e}", "extraInfo": {
+            "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time())),
+            "visionpipe": rank_failure_record(e)}}}
+        Path(path).write_text(json.dumps(data))
 
 
-class LaunchStopped(LaunchError):
-    """Whoever launched it asked it to stop (another stage failed); not worth a retry."""
-
-    @property
-    def transient(self) -> bool:
-        return False
+def read_rank_failures(log_dir: Path) -> list[RankFailure]:
+    """The failures the ranks of the launch's last attempt recorded, oldest first."""
+    attempts = sorted(log_dir.glob("*/attempt_*"), key=lambda p: int(p.name.split("_")[1]))
+    failures = []
+    for path in sorted(attempts[-1].glob("*/error.json")) if attempts else []:
+        try:
+            message = json.loads(path.read_text())["message"]
+            ours = message["extraInfo"]["visionpipe"]
+            failures.append(RankFailure(
+                local_rank=int(path.parent.name), name=str(ours["name"]),
+                transient=bool(ours["transient"]), message=str(message["message"]),
+                timestamp=int(message["extraInfo"]["timestamp"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not written by our handler (a crash inside torch itself)
+    return sorted(failures, key=lambda f: (f.timestamp, f.local_rank))
 
 
 def default_nproc(launch: LaunchConfig) -> int:
@@ -109,6 +121,7 @@ def torchrun_command(launch: LaunchConfig, job_path: Path, nproc: int, rdzv_id: 
         f"--rdzv-endpoint={endpoint or launch.rdzv_endpoint}",
         f"--rdzv-id={rdzv_id}", f"--rdzv-conf={','.join(conf)}",
         f"--max-restarts={launch.max_restarts}",
+        f"{_LOG_DIR_FLAG}{job_path.parent / LOG_DIR_NAME}",  # the ranks' error files
         "--tee=3",  # every line of every rank comes back through our pipe, prefixed by its rank
         "-m", WORKER_MODULE, str(job_path),
     ]
@@ -148,6 +161,9 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[int | None
     Setting ``stop`` kills the launch (within half a second) and raises LaunchStopped.
     """
     tail = _Tail()
+    log_dir = _log_dir_of(cmd)
+    if log_dir is not None:  # error files of an earlier attempt must not speak for this one
+        shutil.rmtree(log_dir, ignore_errors=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True, bufsize=1)
     reader = threading.Thread(target=_pump, args=(proc, tail, on_line), daemon=True)
@@ -175,7 +191,13 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[int | None
         if proc.stdout is not None:
             proc.stdout.close()
     if code != 0:
-        raise _failure(code, tail)
+        raise _failure(code, tail, read_rank_failures(log_dir) if log_dir is not None else [])
+
+
+def _log_dir_of(cmd: list[str]) -> Path | None:
+    """The ``--log-dir`` that ``torchrun_command`` put into ``cmd``."""
+    return next((Path(arg[len(_LOG_DIR_FLAG):]) for arg in cmd if arg.startswith(_LOG_DIR_FLAG)),
+                None)
 
 
 def _pump(proc: subprocess.Popen[str], tail: _Tail, on_line: Callable[[int | None, str], None]) -> None:
@@ -203,7 +225,12 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
             time.sleep(0.1)
 
 
-def _failure(code: int, tail: _Tail) -> LaunchError:
+def _failure(code: int, tail: _Tail, failures: list[RankFailure]) -> LaunchError:
+    """The launch's error: classified by what the ranks recorded, shown with a rank's last lines.
+
+    Any rank that raised deterministically makes the failure deterministic (the others usually
+    died of it: a closed connection); no record at all means no rank raised (killed, lost).
+    """
     summary = "\n".join(tail.launcher)
     # torchrun's summary lists every failed rank, then the "Root Cause (first observed failure)".
     root = summary[summary.find("Root Cause"):] if "Root Cause" in summary else summary
@@ -212,7 +239,6 @@ def _failure(code: int, tail: _Tail) -> LaunchError:
     local = int(match.group(2)) if match else rank
     exit_match = _EXIT_CODE.search(root)
     rank_exit = int(exit_match.group(1)) if exit_match else None
-    section = root.splitlines()
     # A SIGKILLed rank (the out-of-memory killer, a lost host) is the cause: the others died of
     # its broken connections, and torchrun may observe one of them first. (torchrun itself stops
     # the survivors with SIGTERM, so only SIGKILL marks the culprit.)
@@ -220,11 +246,13 @@ def _failure(code: int, tail: _Tail) -> LaunchError:
                    if int(m.group(3)) == -signal.SIGKILL), None)
     if killed is not None:
         rank, local, rank_exit = int(killed.group(1)), int(killed.group(2)), int(killed.group(3))
-        section = []
+        failures = []  # the others' records are what they died of
+    cause = next((f for f in failures if not f.transient), failures[0] if failures else None)
+    if cause is not None:
+        local = cause.local_rank
     lines = list(tail.by_rank.get(local, [])) if local is not None else []
-    exceptions = [m.group(1) for line in lines + section
-                  if (m := _EXCEPTION_LINE.match(line)) and m.group(1) != "ChildFailedError"]
-    text = "\n".join(lines) or summary
+    text = "\n".join(lines) or (cause.message if cause else summary)
     return LaunchError(f"DDP worker failed (torchrun exit code {code}); rank {rank} ended with:\n{text}",
                        rank=rank, exit_code=code, rank_exit_code=rank_exit,
-                       exception=exceptions[-1] if exceptions else None)
+                       exception=cause.name if cause else None,
+                       rank_transient=all(f.transient for f in failures) if failures else None)

@@ -28,16 +28,9 @@ from visionpipe.training import launch
 from visionpipe.training.result import TrainResult
 from visionpipe.training.shared import SharedStore
 from visionpipe.training.worker import WorkerJob
+from visionpipe.errors import PreflightError, RendezvousUnreachable
 
 log = logging.getLogger(__name__)
-
-
-class PreflightError(ValueError):
-    """This host cannot run the node as configured; another attempt on it fails alike."""
-
-
-class RendezvousUnreachable(ConnectionError):
-    """The rendezvous endpoint did not answer in time (node 0 not up yet, network, DNS)."""
 
 
 class NodeJob(BaseModel):

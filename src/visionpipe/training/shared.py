@@ -14,6 +14,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from visionpipe.data.s3 import parse_s3_uri, s3_client
+from visionpipe.errors import SharedStorageError
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +23,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILES = ("prev.pt", "prev.pt.sha256", "best.pt", "best.pt.sha256", "last.pt",
                     "last.pt.sha256")
 TOKENS = ".nodes"
-
-
-class SharedStorageError(RuntimeError):
-    """The shared checkpoint folder cannot be read or written (transient: storage, network)."""
 
 
 class SharedStore:

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel
 from torch import nn
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 
@@ -44,6 +43,7 @@ from visionpipe.training.distributed import (
     nodes_in_world,
 )
 from visionpipe.training.finetune import check_batch_size
+from visionpipe.training.launch import record_failures
 from visionpipe.training.loop import (
     EpochStats,
     apply_fast_path,
@@ -424,7 +424,7 @@ def write_result(result: TrainResult, path: Path) -> None:
     os.replace(tmp, path)
 
 
-@record  # error files let torchrun name the rank that failed first, not one that died of it
+@record_failures  # each rank's error file: what it raised, and whether a retry can help
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m visionpipe.training.worker <job.json>", file=sys.stderr)
