@@ -22,6 +22,15 @@ from visionpipe.redaction import redact
 
 log = logging.getLogger(__name__)
 
+
+class TrackingContext(BaseModel):
+    """Ids every stage of one flow run needs to log into the right place."""
+
+    experiment_id: str
+    parent_run_id: str
+    flow_run_id: str
+
+
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server did not answer (after MLflow's own HTTP retries)."""
 
