@@ -130,7 +130,7 @@ def channels_last_speedup(name: str, build: Callable[[], nn.Module], images: tor
             train_mode(model)
             batches = build_loader(images, labels, batch, shuffle=True, augment=False, seed=0)
             return train_one_epoch(model, batches, optimizer, None, criterion, device, aux_weight,
-                                   fast=fast).count
+                                   fast_path=fast).count
         return epoch
 
     nhwc, nchw = trainer(True), trainer(False)

@@ -268,7 +268,7 @@ def test_channels_last_leaves_cached_feature_batches_as_they_are() -> None:
     features, labels = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
     stats = train_one_epoch(head, [(features, labels)], optimizer, None, nn.CrossEntropyLoss(),
-                            torch.device("cpu"), fast=fast)
+                            torch.device("cpu"), fast_path=fast)
     assert stats.count == 6 and math.isfinite(stats.loss_sum)
     logits, _ = predict_logits(head, [(features, labels)], torch.device("cpu"), fast)
     assert logits.shape == (6, 3)

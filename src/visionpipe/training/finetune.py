@@ -186,7 +186,7 @@ def _run_phase(run: _FinetuneRun, index: int, phase: Phase, resume: dict[str, An
         train_mode(model)
         train_stats = train_one_epoch(train_model, batches.train(progress.epoch),
                                       optimizer, scheduler, criterion, run.device,
-                                      accumulation=cfg.grad_accumulation, fast=run.fast_path)
+                                      accumulation=cfg.grad_accumulation, fast_path=run.fast_path)
         val_stats = evaluate(batches.val_model, batches.val, criterion, run.device, run.fast_path)
         record = epoch_record(progress.epoch + 1, train_stats, val_stats, phase=phase.name,
                               phase_epoch=phase_epoch)

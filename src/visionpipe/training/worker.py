@@ -186,7 +186,7 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
                 trainer.ddp_model, loader, trainer.optimizer, trainer.scheduler, criterion,
                 ctx.device, aux_weight=cfg.aux_weight, skip=progress.step,
                 step_seed=(cfg.seed * 1_000_003 + epoch * 10_007 + ctx.rank) * 1009,
-                should_stop=stop.agreed, accumulation=cfg.grad_accumulation, fast=fast_path)
+                should_stop=stop.agreed, accumulation=cfg.grad_accumulation, fast_path=fast_path)
             if local.stopped:
                 _preempt(trainer, local.steps)
             train = EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds)
