@@ -14,7 +14,8 @@ from visionpipe.config import DataConfig, FinetuneConfig, Phase
 from visionpipe.data import PreparedDataset, prepare_dataset
 from visionpipe.models import build_resnet
 from visionpipe.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from visionpipe.training.finetune import check_batch_size, finetune
+from visionpipe.training.core import check_batch_size
+from visionpipe.training.finetune import finetune
 from visionpipe.training.loop import warmup_cosine
 
 

@@ -88,6 +88,15 @@ class Progress:
                    skipped=list(saved["skipped"]), resumed_from_epoch=checkpoint["epoch"])
 
 
+def check_batch_size(batch_size: int, train_count: int) -> None:
+    """Refuse a batch larger than the training split before any training starts."""
+    if batch_size > train_count:
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the training split ({train_count} images); "
+            f"use a batch_size of at most {train_count}"
+        )
+
+
 def check_resumable(saved: dict[str, Any], cfg: StageConfig,
                     ignore: set[str] = frozenset()) -> StageConfig:  # type: ignore[assignment]
     """The config ``saved`` was written under; an error unless ``cfg`` may resume from it."""

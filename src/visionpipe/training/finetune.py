@@ -31,6 +31,7 @@ from visionpipe.training.core import (
     EpochCallback,
     Progress,
     TrainingData,
+    check_batch_size,
     check_resumable,
     epoch_callbacks,
     epoch_record,
@@ -66,15 +67,6 @@ class _FinetuneRun:
     progress: Progress
     on_epoch: list[EpochCallback]
     fast_path: FastPath
-
-
-def check_batch_size(batch_size: int, train_count: int) -> None:
-    """Refuse a batch larger than the training split before any training starts."""
-    if batch_size > train_count:
-        raise ValueError(
-            f"batch_size {batch_size} is larger than the training split ({train_count} images); "
-            f"use a batch_size of at most {train_count}"
-        )
 
 
 def finetune(

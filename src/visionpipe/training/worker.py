@@ -37,6 +37,7 @@ from visionpipe.training.core import (
     Progress,
     Shard,
     TrainingData,
+    check_batch_size,
     check_resumable,
     epoch_callbacks,
     epoch_record,
@@ -52,7 +53,6 @@ from visionpipe.training.distributed import (
     gather_strings,
     nodes_in_world,
 )
-from visionpipe.training.finetune import check_batch_size
 from visionpipe.training.jobs import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, WorkerJob
 from visionpipe.training.loop import (
     EpochStats,
