@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
-from visionpipe.config import FinetuneConfig, GoogLeNetConfig
 from visionpipe.training import launch
+from visionpipe.training.core import StageConfig
 from visionpipe.training.result import TrainResult
 
 log = logging.getLogger(__name__)
-
-StageConfig = TypeVar("StageConfig", FinetuneConfig, GoogLeNetConfig)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
