@@ -139,7 +139,7 @@ def ours(model: nn.Module, batches: Callable[[], Batches], device: torch.device,
     def run() -> int:
         model.train()
         return train_one_epoch(train_model, batches(), optimizer, None, criterion, device,
-                               aux_weight=aux_weight, fast=fast).count
+                               aux_weight=aux_weight, fast_path=fast).count
 
     return run
 

@@ -130,7 +130,7 @@ def channels_last_speedup(name: str, build: Callable[[], nn.Module], images: tor
             train_mode(model)
             batches = build_loader(images, labels, batch, shuffle=True, augment=False, seed=0)
             return train_one_epoch(model, batches, optimizer, None, criterion, device, aux_weight,
-                                   fast=fast).count
+                                   fast_path=fast).count
         return epoch
 
     nhwc, nchw = trainer(True), trainer(False)
@@ -145,7 +145,8 @@ def channels_last_speedup(name: str, build: Callable[[], nn.Module], images: tor
 def head_cache_speedup(images: torch.Tensor, labels: torch.Tensor, batch: int, rounds: int) -> float:
     """A cached-feature head epoch against one that forwards the frozen backbone."""
     from visionpipe.config import FinetuneConfig
-    from visionpipe.training.finetune import _Data, _phase_batches
+    from visionpipe.training.core import TrainingData
+    from visionpipe.training.finetune import _phase_batches
 
     model = build_resnet("resnet50", 10)
     set_trainable(model, ["fc"])
@@ -153,7 +154,8 @@ def head_cache_speedup(images: torch.Tensor, labels: torch.Tensor, batch: int, r
     timings = {}
     for cached in (False, True):
         cfg = FinetuneConfig(arch="resnet50", batch_size=batch, cache_frozen_features=cached)
-        data = _Data(cfg, device, {"train": (images, labels), "val": (images[:batch], labels[:batch])})
+        data = TrainingData(None, cfg.fast, device, splits={"train": (images, labels),
+                                                            "val": (images[:batch], labels[:batch])})
         batches = _phase_batches(model, cfg, data, device)  # the cache is built here, once
         optimizer = torch.optim.SGD(batches.train_model.parameters(), lr=1e-3)
         epochs = []

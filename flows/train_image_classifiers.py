@@ -43,11 +43,11 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
     dataset = prepare_dataset_cached(config.data)
     context = opening.result()
     log_dataset(dataset, context)
-    scratch = start_googlenet(config.googlenet, dataset, context)
-    with stopped_on_error(scratch):  # a weights error fails the run now, not after GoogLeNet
+    googlenet = start_googlenet(config.googlenet, dataset, context)
+    with stopped_on_error(googlenet):  # a weights error fails the run now, not after GoogLeNet
         # Fetched again if the cached file is gone or the cached result is a random init.
         weights = fetch_pretrained_weights_cached(config.weights, config.finetune.arch, fetching)
-    candidates = train_candidates(config.finetune, dataset, weights, context, alongside=scratch)
+    candidates = train_candidates(config.finetune, dataset, weights, context, alongside=googlenet)
     evaluations = evaluate_candidates(candidates, dataset, config.evaluation, context)
     decision = register_model(candidates, evaluations, dataset, config.registry,
                               config.model_name, context)

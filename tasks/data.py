@@ -12,10 +12,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 
 from tasks.common import retry_transient, run_logger
-from tasks.tracking import TrackingContext
 from visionpipe import tracking
 from visionpipe.config import DataConfig
 from visionpipe.data import PreparedDataset, prepare_dataset, source_fingerprint
+from visionpipe.tracking import TrackingContext
 
 
 def _dataset_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

@@ -8,12 +8,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.common import per_flow_run
-from tasks.tracking import TrackingContext
-from tasks.train import Candidate, stage_dir
-from visionpipe import tracking
+from visionpipe import settings, tracking
 from visionpipe.config import EvalConfig
 from visionpipe.data import PreparedDataset
 from visionpipe.evaluation import Evaluation, evaluate_checkpoint
+from visionpipe.tracking import TrackingContext
+from visionpipe.training.result import Candidate
 
 
 @task(name="evaluate-candidates", retries=2, retry_delay_seconds=[5, 30],
@@ -21,7 +21,7 @@ from visionpipe.evaluation import Evaluation, evaluate_checkpoint
 def evaluate_candidates(candidates: list[Candidate], dataset: PreparedDataset, cfg: EvalConfig,
                         context: TrackingContext) -> list[Evaluation]:
     """Test-split metrics for each candidate, logged to its run and compared side by side."""
-    out_dir = stage_dir(context, "evaluation")
+    out_dir = settings.stage_dir(context.flow_run_id, "evaluation")
     evaluations = []
     for candidate in candidates:
         evaluation = evaluate_checkpoint(candidate.name, Path(candidate.result.best_checkpoint),

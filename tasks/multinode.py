@@ -24,7 +24,6 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling, Failed
 
 from tasks.common import run_logger
-from tasks.tracking import TrackingContext
 from visionpipe import settings
 from visionpipe.config import GoogLeNetConfig
 from visionpipe.errors import (
@@ -36,6 +35,7 @@ from visionpipe.errors import (
     is_transient,
 )
 from visionpipe.data import PreparedDataset
+from visionpipe.tracking import TrackingContext
 from visionpipe.training import launch
 from visionpipe.training.multinode import (
     NodeJob,
@@ -95,7 +95,7 @@ def train_on_nodes(cfg: GoogLeNetConfig, dataset: PreparedDataset, context: Trac
     endpoint = resolve_endpoint(cfg.launch.rdzv_endpoint, rdzv_id)
     shared = shared_stage_dir(cfg, context, stage)
     low, high = cfg.launch.node_range
-    scratch = settings.cache_dir("nodes") / rdzv_id / "parent"
+    downloads = settings.cache_dir("nodes") / rdzv_id / "parent"
     logger.info("starting %d node run(s) of %s (world of %s nodes), rendezvous %s at %s, "
                 "checkpoints in %s", high, cfg.launch.node_deployment, cfg.launch.nnodes,
                 rdzv_id, endpoint, shared)
@@ -112,30 +112,30 @@ def train_on_nodes(cfg: GoogLeNetConfig, dataset: PreparedDataset, context: Trac
                 job_variables=render_job_variables(cfg.launch.node_job_variables, rdzv_id, index)
                 or None))
         store = SharedStore(shared)
-        _wait(runs, low, lambda: read_result(store, scratch, rdzv_id) is not None,
+        _wait(runs, low, lambda: read_result(store, downloads, rdzv_id) is not None,
               deadline=time.monotonic() + cfg.launch.timeout_s + cfg.launch.rdzv_timeout_s)
     except BaseException:
         # Cancelled, timed out or failed: leave no node holding GPUs, and let no retry start
         # while an old rank may still write its preemption checkpoint.
         _cancel(runs, wait_s=CANCEL_WAIT_S)
-        _remove_scratch(scratch)
+        _remove_downloads(downloads)
         raise
     try:
-        result = read_result(store, scratch, rdzv_id)
+        result = read_result(store, downloads, rdzv_id)
     finally:
-        _remove_scratch(scratch)
+        _remove_downloads(downloads)
     if result is None:
         raise NodeRunFailed(f"every node run completed but global rank 0 left no result in "
                             f"{shared}; see the node runs' logs", transient=True)
     return localize_checkpoints(result, store, local_dir)
 
 
-def _remove_scratch(scratch: Path) -> None:
+def _remove_downloads(downloads: Path) -> None:
     """The parent's downloaded copies of the result file; the attempt's folder too, once empty
     (the node runs remove their own)."""
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(downloads, ignore_errors=True)
     with contextlib.suppress(OSError):
-        scratch.parent.rmdir()
+        downloads.parent.rmdir()
 
 
 def _wait(runs: list[FlowRun], min_nodes: int, finished: Callable[[], bool], deadline: float,

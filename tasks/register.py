@@ -8,12 +8,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import retry_transient, run_logger
-from tasks.tracking import TrackingContext
-from tasks.train import Candidate, stage_dir
-from visionpipe import faults, registry, tracking
+from visionpipe import faults, registry, settings, tracking
 from visionpipe.config import RegistryConfig
 from visionpipe.data import PreparedDataset
 from visionpipe.evaluation import Evaluation
+from visionpipe.tracking import TrackingContext
+from visionpipe.training.result import Candidate
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=[5, 30],
@@ -26,7 +26,7 @@ def register_model(candidates: list[Candidate], evaluations: list[Evaluation],
     scores = {e.candidate: e.metrics for e in evaluations}
     registrations = []
     for candidate in candidates:
-        export_dir = stage_dir(context, f"export-{candidate.name}")
+        export_dir = settings.stage_dir(context.flow_run_id, f"export-{candidate.name}")
         model_uri = registry.log_pyfunc_model(
             candidate.run_id, Path(candidate.result.best_checkpoint), export_dir, dataset)
         tags = {**registry.version_tags(candidate.lineage, export_dir),

@@ -10,11 +10,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from tasks.tracking import TrackingContext
-from tasks.train import Candidate
 from visionpipe import tracking
 from visionpipe.evaluation import Evaluation
 from visionpipe.summary import RunTimings
+from visionpipe.tracking import TrackingContext
+from visionpipe.training.result import Candidate
 
 
 @task(name="record-timings", retries=2, retry_delay_seconds=[2, 10])

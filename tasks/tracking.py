@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 from prefect import runtime, task
-from pydantic import BaseModel
 
 from tasks.common import per_flow_run
 from visionpipe import faults, tracking
 from visionpipe.config import PipelineConfig
-
-
-class TrackingContext(BaseModel):
-    """Ids every stage needs to log into the right place."""
-
-    experiment_id: str
-    parent_run_id: str
-    flow_run_id: str
+from visionpipe.tracking import TrackingContext
 
 
 @task(name="open-tracking-run", retries=3, retry_delay_seconds=[2, 10, 30],

@@ -45,3 +45,10 @@ def cache_dir(kind: str) -> Path:
     path = visionpipe_home() / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def stage_dir(flow_run_id: str, stage: str) -> Path:
+    """Checkpoints of one stage of one flow run: a retry finds its predecessor's files here."""
+    path = cache_dir("runs") / flow_run_id / stage
+    path.mkdir(parents=True, exist_ok=True)
+    return path

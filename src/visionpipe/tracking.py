@@ -24,6 +24,14 @@ from visionpipe.errors import TrackingUnavailable
 log = logging.getLogger(__name__)
 
 
+class TrackingContext(BaseModel):
+    """Ids every stage of one flow run needs to log into the right place."""
+
+    experiment_id: str
+    parent_run_id: str
+    flow_run_id: str
+
+
 def configure_tracking() -> str:
     """Point the fluent MLflow API at the configured server or the embedded SQLite database."""
     uri = settings.tracking_uri()

@@ -14,10 +14,20 @@ from torch.nn.parallel import DistributedDataParallel
 from visionpipe.config import GoogLeNetConfig
 from visionpipe.data import build_loader
 from visionpipe.models import build_googlenet
-from visionpipe.training.distributed import distributed
+from visionpipe.training.core import TrainingData
+from visionpipe.training.distributed import DistContext, distributed
 from visionpipe.training.loop import classification_loss, train_one_epoch
 from visionpipe.training.syncbn import convert_sync_batchnorm
-from visionpipe.training.worker import _check_same_checkpoint, build_ddp_model, build_train_loader, validate
+from visionpipe.training.worker import _check_same_checkpoint, rank_batches, validate
+
+
+def ddp_googlenet(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+    """GoogLeNet wrapped for DDP as the worker wraps it, and the bare module whose state is saved."""
+    model = build_googlenet(num_classes, cfg.small_input_stem).to(ctx.device)
+    if cfg.sync_batchnorm:
+        model = convert_sync_batchnorm(model, ctx.device)
+    ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True), model
 
 
 def shards(out: Path) -> None:
@@ -27,18 +37,16 @@ def shards(out: Path) -> None:
         images = torch.randint(0, 255, (22, 3, 32, 32), dtype=torch.uint8)
         labels = torch.arange(22) % 10
         ids = torch.arange(22)
-        loader, sampler = build_train_loader(images, ids, cfg, ctx)
-        seen = {}
-        for epoch in (1, 2):
-            assert sampler is not None
-            sampler.set_epoch(epoch)
-            seen[epoch] = torch.cat([y for _, y in loader]).tolist()
+        data = TrainingData(None, cfg.fast, ctx.device, splits={"train": (images, ids),
+                                                                 "val": (images, ids)})
+        epoch_batches, _ = rank_batches(data, cfg, ctx)
+        seen = {epoch: torch.cat([y for _, y in epoch_batches(epoch)]).tolist() for epoch in (1, 2)}
         torch.manual_seed(cfg.seed)
-        ddp_model, model = build_ddp_model(cfg, 10, ctx)
+        ddp_model, model = ddp_googlenet(cfg, 10, ctx)
         optimizer = torch.optim.SGD(ddp_model.parameters(), lr=0.1)
         if ctx.is_main:
             torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / "initial.pt")
-        batch = [(x, labels[y]) for x, y in list(loader)[:1]]
+        batch = [(x, labels[y]) for x, y in list(epoch_batches(2))[:1]]
         ddp_model.train()
         train_one_epoch(ddp_model, batch, optimizer, None, nn.CrossEntropyLoss(), ctx.device, 0.3)
         # Parameters stay identical under DDP; BatchNorm's running statistics are per rank until
@@ -104,7 +112,7 @@ def validation(out: Path, count: int) -> None:
                     buffer.add_(0.5 * ctx.rank)  # changes every prediction here
         share = build_loader(images[ctx.rank::ctx.world_size], labels[ctx.rank::ctx.world_size],
                              4, shuffle=False, augment=False, seed=0)
-        top1 = validate(model, share, nn.CrossEntropyLoss(), ctx)
+        top1 = validate(model, share, nn.CrossEntropyLoss(), ctx).top1
         (out / f"validation-{ctx.rank}.json").write_text(json.dumps(
             {"top1": top1, "expected": right / count, "share": len(labels[ctx.rank::ctx.world_size])}))
 

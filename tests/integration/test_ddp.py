@@ -15,7 +15,7 @@ from visionpipe.data import prepare_dataset
 from visionpipe.evaluation import load_trained_model
 from visionpipe.training.checkpoint import load_checkpoint
 from visionpipe.training.launch import LaunchError, run_torchrun, torchrun_command, worker_env
-from visionpipe.training.worker import WorkerJob
+from visionpipe.training.jobs import WorkerJob
 
 pytestmark = pytest.mark.integration
 PROBE = Path(__file__).with_name("ddp_probe.py")

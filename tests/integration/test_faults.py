@@ -14,7 +14,7 @@ from visionpipe.config import DataConfig, GoogLeNetConfig, LaunchConfig
 from visionpipe.data import PreparedDataset, prepare_dataset
 from visionpipe.training.checkpoint import latest_checkpoint, load_checkpoint
 from visionpipe.training.launch import LaunchError, run_torchrun, torchrun_command, worker_env
-from visionpipe.training.worker import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, WorkerJob
+from visionpipe.training.jobs import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, WorkerJob
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CFG = GoogLeNetConfig(epochs=3, batch_size=8, launch=LaunchConfig(nproc_per_node=2, timeout_s=300))

@@ -136,7 +136,7 @@ def _workers_of(home: Path) -> list[int]:
 
 def _googlenet_task_inputs(flow_run_id: str) -> tuple[Any, Any, Any]:
     """The googlenet stage's config, a tiny dataset and a tracking context, outside a flow."""
-    from tasks.tracking import TrackingContext
+    from visionpipe.tracking import TrackingContext
     from visionpipe.data import prepare_dataset
 
     config = PipelineConfig.model_validate(TINY)
@@ -246,33 +246,6 @@ def test_a_retried_open_tracking_run_continues_the_run_it_created(
     parents = mlflow.search_runs([mlflow.get_experiment_by_name("visionpipe").experiment_id],
                                  f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'")
     assert [r.info.run_id for r in parents] == [state.result()]
-
-
-def test_an_odd_batch_out_of_memory_keeps_the_global_batch_or_says_why_it_cannot(
-    harness: Path,
-) -> None:
-    from prefect import task
-
-    from tasks.train import split_batch
-    from tasks.train import with_oom_fallback as fallback
-
-    with_oom_fallback = task(fallback)  # in a task run, as train-googlenet calls it
-
-    assert [split_batch(b) for b in (64, 65, 9, 67, 3, 2)] == [2, 5, 3, None, None, None]
-    calls: list[tuple[int, int]] = []
-
-    def train(cfg: GoogLeNetConfig) -> str:
-        calls.append((cfg.batch_size, cfg.grad_accumulation))
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
-        return "trained"
-
-    assert with_oom_fallback(GoogLeNetConfig(batch_size=65), train) == "trained"  # type: ignore[arg-type]
-    assert calls == [(65, 1), (13, 5)], "65 = 13 x 5: the global batch of the checkpoints"
-    calls.clear()
-    with pytest.raises(RuntimeError, match="batch of 67, which cannot be split") as err:
-        with_oom_fallback(GoogLeNetConfig(batch_size=67), train)  # type: ignore[arg-type]
-    assert isinstance(err.value.__cause__, torch.OutOfMemoryError) and calls == [(67, 1)]
 
 
 def test_an_unreachable_prefect_api_is_named_with_the_fix(tmp_path: Path) -> None:

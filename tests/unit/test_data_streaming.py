@@ -85,7 +85,8 @@ def test_a_streamed_finetune_ends_with_the_weights_of_the_in_memory_one(
 
 def test_a_streamed_googlenet_ends_with_the_weights_of_the_in_memory_one(
         tiny_digits: PreparedDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from visionpipe.training.worker import WorkerJob, main
+    from visionpipe.training.jobs import WorkerJob
+    from visionpipe.training.worker import main
 
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -107,7 +108,8 @@ def test_a_streamed_googlenet_ends_with_the_weights_of_the_in_memory_one(
 def test_each_rank_streams_the_shard_and_crops_it_would_slice_from_memory(
         tiny_digits: PreparedDataset) -> None:
     from visionpipe.training.distributed import DistContext
-    from visionpipe.training.worker import _batches
+    from visionpipe.training.core import load_training_data
+    from visionpipe.training.worker import rank_batches
 
     seen: list[torch.Tensor] = []
     for rank in (0, 1):
@@ -116,7 +118,8 @@ def test_each_rank_streams_the_shard_and_crops_it_would_slice_from_memory(
         for streaming in (False, True):
             cfg = GoogLeNetConfig(batch_size=8, augment=True,
                                   fast=FastPathConfig(streaming=streaming, num_workers=0))
-            epoch_batches, _ = _batches(tiny_digits, cfg, ctx, cfg.fast.resolve("cpu"))
+            data = load_training_data(tiny_digits, cfg.fast, CPU, cfg.fast.resolve("cpu"))
+            epoch_batches, _ = rank_batches(data, cfg, ctx)
             per_path.append(list(epoch_batches(2)))
         assert _same(per_path[1], per_path[0])
         seen.append(torch.cat([y for _, y in per_path[0]]))
@@ -127,7 +130,8 @@ def test_each_rank_streams_the_shard_and_crops_it_would_slice_from_memory(
 def test_each_rank_validates_its_own_share_streamed_or_from_memory(
         tiny_digits: PreparedDataset) -> None:
     from visionpipe.training.distributed import DistContext
-    from visionpipe.training.worker import _batches
+    from visionpipe.training.core import load_training_data
+    from visionpipe.training.worker import rank_batches
 
     count = tiny_digits.split_counts["val"]
     _, whole = load_split(tiny_digits, "val")
@@ -139,7 +143,8 @@ def test_each_rank_validates_its_own_share_streamed_or_from_memory(
             for streaming in (False, True):
                 cfg = GoogLeNetConfig(batch_size=4, fast=FastPathConfig(streaming=streaming,
                                                                          num_workers=0))
-                _, val = _batches(tiny_digits, cfg, ctx, cfg.fast.resolve("cpu"))
+                data = load_training_data(tiny_digits, cfg.fast, CPU, cfg.fast.resolve("cpu"))
+                _, val = rank_batches(data, cfg, ctx)
                 per_path.append(list(val))
             assert _same(per_path[1], per_path[0])
             labels = [y for _, y in per_path[0]]

@@ -76,7 +76,7 @@ def train_one_epoch(
     step_seed: int | None = None,
     should_stop: Callable[[], bool] | None = None,
     accumulation: int = 1,
-    fast: FastPath | None = None,
+    fast_path: FastPath | None = None,
 ) -> EpochStats:
     """One pass over ``batches``; the scheduler steps per batch. The caller sets train mode.
 
@@ -84,26 +84,20 @@ def train_one_epoch(
     seeds each step (dropout) by its index, so a resumed epoch draws what an uninterrupted one
     would; ``should_stop`` is asked after every optimizer step and ends the epoch early when it
     says so. ``accumulation`` batches make one optimizer step (the global batch of a run whose
-    per-device batch was halved after an out-of-memory error). ``fast`` turns on bf16 autocast
+    per-device batch was halved after an out-of-memory error). ``fast_path`` turns on bf16 autocast
     and channels-last batches.
     """
     stats = EpochStats()
     start = time.perf_counter()
     total = len(batches) if isinstance(batches, Sized) else None
-    # Sums stay on the device until the epoch ends: reading them every step (``loss.item()``)
-    # would make the host wait for each step and leave the GPU idle while it queues the next.
+    # Sums stay on the device until the epoch ends: a per-step ``.item()`` waits for the GPU.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    # Gradients are released at the start of each cycle and right before its first backward,
-    # as in torchvision's reference loop. Released right after the step instead, on the CPU
-    # their memory went back to the OS and came back as page faults in the next backward (5x
-    # the faults and 8% slower for ResNet-50 here; docs/benchmarks.md).
+    # Gradients are released right before a cycle's first backward, not after its step: freed
+    # earlier, on the CPU they came back as page faults (8% slower; docs/benchmarks.md).
     release_grads = True
-    # With accumulation, each batch's mean loss counts by its size against a full group's
-    # images (``accumulation`` batches of the first one's size). A group with fewer images (the
-    # epoch's last) has its gradients scaled to its own mean at its step, so that it weighs
-    # what the same images in one batch would: a run whose batch was split after an
-    # out-of-memory error trains as the unsplit one.
+    # Accumulated batches weigh by their size against a full group; a short last group is
+    # rescaled to its own mean, so a batch split after an out-of-memory error trains as whole.
     full_group = group_images = 0
     for step, (images, labels) in enumerate(batches):
         if step < skip:
@@ -111,9 +105,9 @@ def train_one_epoch(
             continue
         if step_seed is not None:
             torch.manual_seed(step_seed + step)
-        images, labels = _to_device(images, labels, device, fast)
+        images, labels = _to_device(images, labels, device, fast_path)
         n = labels.shape[0]
-        with _autocast(device, fast):
+        with _autocast(device, fast_path):
             loss, logits = classification_loss(model(images), labels, criterion, aux_weight)
         if release_grads:
             optimizer.zero_grad(set_to_none=True)
@@ -155,39 +149,39 @@ def _scale_grads(optimizer: torch.optim.Optimizer, factor: float) -> None:
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-               fast: FastPath | None) -> tuple[torch.Tensor, torch.Tensor]:
+               fast_path: FastPath | None) -> tuple[torch.Tensor, torch.Tensor]:
     images = images.to(device, non_blocking=True)
     # Images only: the frozen phase's cached features are N x C, which have no NHWC form.
-    if fast is not None and fast.channels_last and images.dim() == 4:
+    if fast_path is not None and fast_path.channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True)
 
 
-def _autocast(device: torch.device, fast: FastPath | None) -> torch.autocast:
-    enabled = fast is not None and fast.autocast_bf16
+def _autocast(device: torch.device, fast_path: FastPath | None) -> torch.autocast:
+    enabled = fast_path is not None and fast_path.autocast_bf16
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def apply_fast_path(model: nn.Module, fast: FastPath) -> nn.Module:
-    """Memory format and cuDNN autotuning for a model about to train; compiled if asked."""
-    if fast.cudnn_benchmark:
+def apply_fast_path(model: nn.Module, fast_path: FastPath) -> nn.Module:
+    """Memory format and cuDNN autotuning for a model about to train (``maybe_compile`` compiles)."""
+    if fast_path.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    if fast.channels_last:
+    if fast_path.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def maybe_compile(model: nn.Module, fast: FastPath, batch_size: int | None = None) -> nn.Module:
+def maybe_compile(model: nn.Module, fast_path: FastPath, batch_size: int | None = None) -> nn.Module:
     """``torch.compile`` with the configured mode when the fast path asks for it.
 
     With ``batch_size``, only batches of that size run compiled: the epoch's short last batch
     runs eagerly instead of paying for a second compilation (or a dynamic-shape one).
     """
-    if not fast.compile:
+    if not fast_path.compile:
         return model
     if batch_size is not None:
-        return FullBatchCompiled(model, fast.compile_mode, batch_size)
-    return torch.compile(model, mode=fast.compile_mode)  # type: ignore[return-value]
+        return FullBatchCompiled(model, fast_path.compile_mode, batch_size)
+    return torch.compile(model, mode=fast_path.compile_mode)  # type: ignore[return-value]
 
 
 class FullBatchCompiled(nn.Module):
@@ -210,14 +204,14 @@ class FullBatchCompiled(nn.Module):
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-    fast: FastPath | None = None,
+    fast_path: FastPath | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of every batch, on the CPU, with the model in eval mode."""
     model.eval()
     outs, targets = [], []
     for images, labels in batches:
-        images, _ = _to_device(images, labels, device, fast)
-        with _autocast(device, fast):
+        images, _ = _to_device(images, labels, device, fast_path)
+        with _autocast(device, fast_path):
             outs.append(model(images).float())
         targets.append(labels)
     if not outs:  # no batches: a DDP rank's share of a split smaller than the world
@@ -231,11 +225,11 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     criterion: nn.Module,
     device: torch.device,
-    fast: FastPath | None = None,
+    fast_path: FastPath | None = None,
 ) -> EpochStats:
     """Loss and top-1 over ``batches`` in eval mode."""
     start = time.perf_counter()
-    logits, labels = predict_logits(model, batches, device, fast)
+    logits, labels = predict_logits(model, batches, device, fast_path)
     n = labels.shape[0]
     if not n:
         return EpochStats(seconds=time.perf_counter() - start)

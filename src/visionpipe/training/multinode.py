@@ -27,8 +27,8 @@ from visionpipe.data import PreparedDataset
 from visionpipe.training import launch
 from visionpipe.training.result import TrainResult
 from visionpipe.training.shared import SharedStore
-from visionpipe.training.worker import WorkerJob
 from visionpipe.errors import PreflightError, RendezvousUnreachable
+from visionpipe.training.jobs import write_worker_job
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +213,10 @@ def run_node(job: NodeJob, local_dir: Path, on_line: Callable[[int | None, str],
     pulled = store.pull(out_dir)
     if pulled:
         log.info("node %d: fetched %s from %s", job.node_index, ", ".join(pulled), store.uri)
-    result_path = out_dir / result_name(job.rdzv_id)
-    worker_job = WorkerJob(config=job.config, dataset=job.dataset, out_dir=str(out_dir),
-                           result_path=str(result_path), mlflow_run_id=job.mlflow_run_id,
-                           shared_dir=job.shared_dir if store.is_s3 else None,
-                           node_index=job.node_index)
-    local_dir.mkdir(parents=True, exist_ok=True)
     job_path = local_dir / f"node{job.node_index}-job.json"
-    job_path.write_text(worker_job.model_dump_json(indent=2))
+    write_worker_job(job_path, job.config, job.dataset, out_dir, out_dir / result_name(job.rdzv_id),
+                     job.mlflow_run_id, shared_dir=job.shared_dir if store.is_s3 else None,
+                     node_index=job.node_index)
     cmd = launch.torchrun_command(job.config.launch, job_path, nproc, job.rdzv_id,
                                   endpoint=job.rdzv_endpoint, is_host=job.node_index == 0)
     log.info("node %d of %d: %s", job.node_index, job.node_count, " ".join(cmd))
@@ -229,7 +225,7 @@ def run_node(job: NodeJob, local_dir: Path, on_line: Callable[[int | None, str],
     written = read_result(store, out_dir, job.rdzv_id)
     if written is not None and written.node_index == job.node_index:
         outcome.result = written
-    # This host's scratch: the job file, and on S3 the checkpoint copies (S3 holds them).
+    # This host's working files: the job file, and on S3 the checkpoint copies (S3 holds them).
     shutil.rmtree(local_dir, ignore_errors=True)
     return outcome
 

@@ -1,12 +1,18 @@
-"""What a training stage hands on: small and JSON-serialisable, so it crosses process borders."""
+"""What a training stage hands on (small and JSON-serialisable, so it crosses process borders),
+and the candidate's MLflow run that records it."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import BaseModel
 
+from visionpipe import tracking
 from visionpipe.models import ModelSpec
+from visionpipe.tracking import TrackingContext
+
+log = logging.getLogger(__name__)
 
 
 class TrainResult(BaseModel):
@@ -29,3 +35,43 @@ class TrainResult(BaseModel):
     def loop_seconds(self) -> float:
         """Time spent in the training and validation loops of the epochs this result records."""
         return sum(r.get("train_seconds", 0.0) + r.get("val_seconds", 0.0) for r in self.history)
+
+
+class Candidate(BaseModel):
+    """A trained model waiting for evaluation and registration."""
+
+    name: str
+    run_id: str  # its MLflow run
+    result: TrainResult
+    lineage: dict[str, str]
+
+
+def open_candidate_run(context: TrackingContext, name: str, lineage: dict[str, str],
+                       cfg: BaseModel) -> str:
+    """The candidate's nested MLflow run (an earlier attempt's, if any), with its config."""
+    run_id, existing = tracking.resume_or_start_run(context.experiment_id, name,
+                                                    context.parent_run_id, tags=lineage)
+    if not existing:
+        tracking.log_config(run_id, cfg)
+    return run_id
+
+
+def close_candidate_run(name: str, run_id: str, result: TrainResult, lineage: dict[str, str],
+                        logger: logging.Logger | logging.LoggerAdapter[Any] = log) -> Candidate:
+    """Record the outcome on the candidate's run, close it, and hand the candidate on."""
+    if result.skipped_phases:
+        tracking.set_tags(run_id, {"skipped_phases": ",".join(result.skipped_phases)})
+    if len(result.rank_weight_digests) > 1:
+        identical = len(set(result.rank_weight_digests)) == 1
+        tracking.set_tags(run_id, {"ranks_identical_weights": str(identical).lower()})
+        if not identical:
+            logger.warning("%s: the ranks ended with different weights: %s", name,
+                           result.rank_weight_digests)
+    metrics = {"best_val_top1": result.best_val_top1, "epochs_run": result.epochs_run}
+    if result.resumed_from_epoch is not None:
+        metrics["resumed_from_epoch"] = result.resumed_from_epoch
+        logger.warning("%s resumed from epoch %d of an earlier attempt", name,
+                       result.resumed_from_epoch)
+    tracking.log_metrics(run_id, metrics)
+    tracking.end_run(run_id)
+    return Candidate(name=name, run_id=run_id, result=result, lineage=lineage)

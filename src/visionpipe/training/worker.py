@@ -15,25 +15,35 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, TensorDataset
 
 from visionpipe import faults, tracking
-from visionpipe.config import FastPath, GoogLeNetConfig, same_training
-from visionpipe.data import PreparedDataset, build_loader, load_split
-from visionpipe.data.loading import BatchIterator, drops_lone_last
-from visionpipe.data.streaming import StreamingLoader, decoded_bytes
+from visionpipe.config import FastPath, GoogLeNetConfig
 from visionpipe.models import ModelSpec, build_googlenet
-from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
+from visionpipe.training.checkpoint import latest_checkpoint
+from visionpipe.training.core import (
+    Batches,
+    EpochCallback,
+    EpochRecord,
+    Progress,
+    Shard,
+    TrainingData,
+    check_batch_size,
+    check_resumable,
+    epoch_callbacks,
+    epoch_record,
+    load_training_data,
+    resolve_fast_path,
+    save_progress,
+)
 from visionpipe.training.distributed import (
     DistContext,
     all_reduce_sum,
@@ -42,8 +52,8 @@ from visionpipe.training.distributed import (
     gather_strings,
     nodes_in_world,
 )
-from visionpipe.training.finetune import check_batch_size
 from visionpipe.training.launch import record_failures
+from visionpipe.training.jobs import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, WorkerJob
 from visionpipe.training.loop import (
     EpochStats,
     apply_fast_path,
@@ -60,41 +70,26 @@ from visionpipe.training.syncbn import convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
-
-class WorkerJob(BaseModel):
-    """Everything a rank needs, written as JSON by the task that launches torchrun."""
-
-    config: GoogLeNetConfig
-    dataset: PreparedDataset
-    out_dir: str
-    result_path: str
-    mlflow_run_id: str | None = None
-    # Multi-node: the S3 prefix rank 0 uploads checkpoints to (a mounted volume is out_dir
-    # itself), and the node run this launch belongs to.
-    shared_dir: str | None = None
-    node_index: int | None = None
+__all__ = ["PREEMPTED_EXIT_CODE", "PREEMPTED_MARKER", "WorkerJob", "main", "train_googlenet"]
 
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", what a preempted rank exits with
-PREEMPTED_MARKER = "PREEMPTED"
+def rank_batches(data: TrainingData, cfg: GoogLeNetConfig, ctx: DistContext,
+                 ) -> tuple[Callable[[int], Batches], Batches]:
+    """This rank's training batches of an epoch, and its share of the validation split.
 
+    A new shuffle every epoch (the same permutation on every rank under DDP); the crops are
+    seeded per epoch and rank, so a resumed epoch sees the same ones.
+    """
+    shard = Shard(ctx.rank, ctx.world_size, cfg.seed) if ctx.distributed else None
 
-def build_train_loader(images: torch.Tensor, labels: torch.Tensor, cfg: GoogLeNetConfig,
-                       ctx: DistContext, epoch: int = 1,
-                       ) -> tuple[BatchIterator, DistributedSampler[Any] | None]:
-    """This rank's shard of the training split for ``epoch`` (a new shuffle every epoch)."""
-    sampler = (DistributedSampler(TensorDataset(images, labels), num_replicas=ctx.world_size,
-                                  rank=ctx.rank, shuffle=True, seed=cfg.seed)
-               if ctx.distributed else None)
-    if sampler is not None:
-        sampler.set_epoch(epoch)  # the same permutation on every rank, a new one each epoch
-    # Augmentation is seeded per epoch and rank, so a resumed epoch sees the same crops.
-    # DistributedSampler gives every rank as many images, so all ranks drop a lone last one.
-    count = len(sampler) if sampler is not None else len(labels)
-    loader = build_loader(images, labels, cfg.batch_size, shuffle=True, augment=cfg.augment,
-                          seed=cfg.seed + 7919 * epoch + ctx.rank, sampler=sampler, flip=False,
-                          drop_last=drops_lone_last(count, cfg.batch_size))
-    return loader, sampler
+    def epoch_batches(epoch: int) -> Batches:
+        return data.batches("train", cfg.batch_size, shuffle=True, augment=cfg.augment,
+                            seed=cfg.seed + 7919 * epoch + ctx.rank, epoch=epoch, shard=shard,
+                            drop_lone_last=True, flip=False)
+
+    val = data.batches("val", cfg.batch_size * 2, shuffle=False, augment=False, seed=0,
+                       shard=shard)
+    return epoch_batches, val
 
 
 class StopSignal:
@@ -144,18 +139,8 @@ class StopSignal:
         return bool(on_host.item() > 0)
 
 
-class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; ``main`` turns it into an exit code."""
-
-
-@dataclass
-class _State:
-    epoch: int = 0  # completed epochs
-    step: int = 0  # batches done in the next epoch (a preemption checkpoint)
-    best: float = -1.0
-    best_epoch: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    resumed_from_epoch: int | None = None
+class PreemptionCheckpointed(Exception):
+    """SIGTERM stopped training and rank 0 checkpointed; ``main`` turns it into an exit code."""
 
 
 @dataclass
@@ -167,7 +152,8 @@ class _Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     spec: ModelSpec
-    state: _State
+    progress: Progress
+    on_epoch: list[EpochCallback]
 
 
 def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
@@ -180,40 +166,45 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     # An empty fast.compile stays off here: GoogLeNet's compile pays only after about 8 million
     # images per process, and compiling under DDP was not measured (docs/benchmarks.md).
-    fast = cfg.fast.resolve(ctx.device.type, distributed=ctx.distributed,
-                            grad_accumulation=cfg.grad_accumulation)
+    fast_path = resolve_fast_path(cfg.fast, ctx.device, distributed=ctx.distributed,
+                                  grad_accumulation=cfg.grad_accumulation)
     check_batch_size(cfg.batch_size, dataset.split_counts["train"] // ctx.world_size)
-    epoch_batches, val_loader = _batches(dataset, cfg, ctx, fast)
-    batches = len(epoch_batches(1))
-    trainer = _build_trainer(job, ctx, steps_per_epoch=-(-batches // cfg.grad_accumulation), fast=fast)
+    epoch_batches, val_batches = rank_batches(load_training_data(dataset, cfg.fast, ctx.device,
+                                                                 fast_path), cfg, ctx)
+    batches = len(epoch_batches(1))  # type: ignore[arg-type]
+    trainer = _build_trainer(job, ctx, -(-batches // cfg.grad_accumulation), fast_path)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    state = trainer.state
+    progress = trainer.progress
     faults.inject("oom", ctx.rank)  # test hook: an out-of-memory error in the first step
     with StopSignal(ctx) as stop:
-        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             if epoch > 1:
                 faults.inject("die", ctx.rank)  # test hook: a rank lost after a checkpoint
             loader = epoch_batches(epoch)
             trainer.ddp_model.train()
             local = train_one_epoch(
                 trainer.ddp_model, loader, trainer.optimizer, trainer.scheduler, criterion,
-                ctx.device, aux_weight=cfg.aux_weight, skip=state.step,
+                ctx.device, aux_weight=cfg.aux_weight, skip=progress.step,
                 step_seed=(cfg.seed * 1_000_003 + epoch * 10_007 + ctx.rank) * 1009,
-                should_stop=stop.agreed, accumulation=cfg.grad_accumulation, fast=fast)
+                should_stop=stop.agreed, accumulation=cfg.grad_accumulation, fast_path=fast_path)
             if local.stopped:
                 _preempt(trainer, local.steps)
-            state.step = 0
             train = EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds)
-            val_start = time.perf_counter()
-            val_top1 = validate(trainer.model, val_loader, criterion, ctx, fast)
-            _end_epoch(trainer, epoch, train, val_top1, time.perf_counter() - val_start)
-    out_dir = Path(job.out_dir)
+            val = validate(trainer.model, val_batches, criterion, ctx, fast_path)
+            _end_epoch(trainer, epoch_record(epoch, train, val, phase="train", phase_epoch=epoch))
+    return _result(trainer)
+
+
+def _result(trainer: _Trainer) -> TrainResult:
+    """Rank 0's checkpoints and progress, with every rank's weights digest (a collective)."""
+    out_dir, progress, ctx = Path(trainer.job.out_dir), trainer.progress, trainer.ctx
     return TrainResult(best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
-                       best_val_top1=state.best, best_epoch=state.best_epoch, epochs_run=cfg.epochs,
-                       spec=trainer.spec, history=state.history, world_size=ctx.world_size,
-                       nnodes=nodes_in_world(), node_index=job.node_index,
+                       best_val_top1=progress.best_top1, best_epoch=progress.best_epoch,
+                       epochs_run=trainer.job.config.epochs, spec=trainer.spec,
+                       history=progress.history, world_size=ctx.world_size,
+                       nnodes=nodes_in_world(), node_index=trainer.job.node_index,
                        rank_weight_digests=gather_strings(weights_digest(trainer.model), ctx),
-                       resumed_from_epoch=state.resumed_from_epoch)
+                       resumed_from_epoch=progress.resumed_from_epoch)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -230,50 +221,8 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
-             fast: FastPath) -> tuple[Callable[[int], Batches], Batches]:
-    """This rank's training batches of an epoch, and its share of the validation split.
-
-    Rank r validates images r, r + world, r + 2 world, ...: every image once on one rank (a
-    DistributedSampler would repeat some to even the shards out, and count them twice). In
-    memory (small datasets, on the GPU with the fast path), or streamed from disk by DataLoader
-    workers when the training split is larger than ``fast.memory_limit_gb``.
-    """
-    if not cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
-        train_x, train_y = load_split(dataset, "train")
-        if fast.data_on_device:  # small datasets stay on the GPU; batches are sliced there
-            train_x, train_y = train_x.to(ctx.device), train_y.to(ctx.device)
-        val_x, val_y = load_split(dataset, "val")
-        val = build_loader(val_x[ctx.rank::ctx.world_size], val_y[ctx.rank::ctx.world_size],
-                           batch_size=cfg.batch_size * 2, shuffle=False, augment=False, seed=0)
-        return lambda epoch: build_train_loader(train_x, train_y, cfg, ctx, epoch)[0], val
-    count = dataset.split_counts["train"]
-    sampler = (DistributedSampler(range(count), num_replicas=ctx.world_size,  # type: ignore[arg-type]
-                                  rank=ctx.rank, shuffle=True, seed=cfg.seed)
-               if ctx.distributed else None)
-    options = {"device": ctx.device, "num_workers": cfg.fast.num_workers,
-               "decode_on_device": fast.decode_on_device}
-    per_rank = len(sampler) if sampler is not None else count
-    train = StreamingLoader(dataset, "train", cfg.batch_size, shuffle=True, augment=cfg.augment,
-                            seed=cfg.seed, sampler=sampler, flip=False,
-                            drop_last=drops_lone_last(per_rank, cfg.batch_size),
-                            **options)  # type: ignore[arg-type]
-    val_share = range(ctx.rank, dataset.split_counts["val"], ctx.world_size)
-    val = StreamingLoader(dataset, "val", cfg.batch_size * 2, shuffle=False, augment=False, seed=0,
-                          sampler=val_share, **options)  # type: ignore[arg-type]
-
-    def epoch_batches(epoch: int) -> Batches:
-        # The shuffle and the crops of the in-memory path's epoch.
-        train.set_epoch(epoch, seed=cfg.seed + 7919 * epoch + ctx.rank)
-        return train
-
-    return epoch_batches, val
-
-
-def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast: FastPath) -> _Trainer:
+def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int,
+                   fast_path: FastPath) -> _Trainer:
     """Model, optimizer and schedule, restored from the newest valid checkpoint if there is one."""
     cfg, dataset = job.config, job.dataset
     model = build_googlenet(dataset.num_classes, cfg.small_input_stem)
@@ -281,23 +230,11 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast:
                      image_size=dataset.image_size, small_input_stem=cfg.small_input_stem)
     saved = latest_checkpoint(Path(job.out_dir))  # every rank reads rank 0's files
     _check_same_checkpoint(saved, ctx)  # on every rank, with a checkpoint or without
-    state = _State()
+    progress = Progress()
     if saved is not None:
-        before = _check_resumable(saved, cfg)
         model.load_state_dict(saved["model"])
-        progress = saved["progress"]
-        step = saved["step"] * before.batch_size // cfg.batch_size  # in this run's batches
-        if step and saved["world_size"] != ctx.world_size:
-            # Shards differ with the world size: the steps done do not map onto the new ones.
-            log.warning("world size changed from %d to %d: epoch %d restarts from its first step",
-                        saved["world_size"], ctx.world_size, saved["epoch"] + 1)
-            step = 0
-        state = _State(epoch=saved["epoch"], step=step, best=progress["best"],
-                       best_epoch=progress["best_epoch"], history=list(progress["history"]),
-                       resumed_from_epoch=saved["epoch"])
-        log.info("resuming from %s: epoch %d done, %d steps into the next", saved["path"],
-                 saved["epoch"], saved["step"])
-    ddp_model, model = _wrap(apply_fast_path(model.to(ctx.device), fast), cfg, ctx, fast)
+        progress = _resumed_progress(saved, cfg, ctx)
+    ddp_model, model = _wrap(apply_fast_path(model.to(ctx.device), fast_path), cfg, ctx, fast_path)
     optimizer = build_optimizer([{"params": list(ddp_model.parameters()), "lr": cfg.lr}], cfg.optim,
                                 ctx.device)
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch,
@@ -305,8 +242,25 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast:
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        place_schedule(scheduler, state.epoch * steps_per_epoch + state.step // cfg.grad_accumulation)
-    return _Trainer(job, ctx, model, ddp_model, optimizer, scheduler, spec, state)
+        place_schedule(scheduler, progress.epoch * steps_per_epoch + progress.step // cfg.grad_accumulation)
+    callbacks = epoch_callbacks(job.mlflow_run_id, _log_epoch(cfg, ctx), is_main=ctx.is_main)
+    return _Trainer(job, ctx, model, ddp_model, optimizer, scheduler, spec, progress, callbacks)
+
+
+def _resumed_progress(saved: dict[str, Any], cfg: GoogLeNetConfig, ctx: DistContext) -> Progress:
+    """The checkpoint's progress, its step counted in this run's batches."""
+    # Launch settings may change between attempts (an elastic restart); training ones may not.
+    before = check_resumable(saved, cfg, ignore={"launch"})
+    progress = Progress.restored(saved)
+    progress.step = saved["step"] * before.batch_size // cfg.batch_size
+    if progress.step and saved["world_size"] != ctx.world_size:
+        # Shards differ with the world size: the steps done do not map onto the new ones.
+        log.warning("world size changed from %d to %d: epoch %d restarts from its first step",
+                    saved["world_size"], ctx.world_size, saved["epoch"] + 1)
+        progress.step = 0
+    log.info("resuming from %s: epoch %d done, %d steps into the next", saved["path"],
+             saved["epoch"], saved["step"])
+    return progress
 
 
 def _check_same_checkpoint(saved: dict[str, Any] | None, ctx: DistContext) -> None:
@@ -320,24 +274,10 @@ def _check_same_checkpoint(saved: dict[str, Any] | None, ctx: DistContext) -> No
                            "again")
 
 
-def _check_resumable(saved: dict[str, Any], cfg: GoogLeNetConfig) -> GoogLeNetConfig:
-    # Launch settings may change between attempts (an elastic restart); training ones may not.
-    before = GoogLeNetConfig.model_validate_json(saved["config"])
-    if not same_training(before, cfg, ignore={"launch"}):
-        raise ValueError(f"{saved['path']} was written with another googlenet config; use a new "
-                         "flow run, or delete that folder to start this stage over")
-    return before
-
-
-def build_ddp_model(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
-    """The network wrapped for DDP (or not, alone) and the bare module whose state is saved."""
-    fast = cfg.fast.resolve(ctx.device.type, distributed=ctx.distributed,
-                            grad_accumulation=cfg.grad_accumulation)
-    return _wrap(build_googlenet(num_classes, cfg.small_input_stem).to(ctx.device), cfg, ctx, fast)
-
-
 def _wrap(model: nn.Module, cfg: GoogLeNetConfig, ctx: DistContext,
-          fast: FastPath) -> tuple[nn.Module, nn.Module]:
+          fast_path: FastPath) -> tuple[nn.Module, nn.Module]:
+    """The network wrapped for DDP (alone: as it is) and compiled if asked, and the bare module
+    whose state is saved."""
     if cfg.sync_batchnorm and ctx.distributed:
         model = convert_sync_batchnorm(model, ctx.device)
     wrapped = model
@@ -345,77 +285,63 @@ def _wrap(model: nn.Module, cfg: GoogLeNetConfig, ctx: DistContext,
         ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
         # Every step uses every parameter (the auxiliary heads too), so the graph is static.
         wrapped = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
-                                          static_graph=fast.static_graph)
+                                          static_graph=fast_path.static_graph)
     # Alone, the short last batch runs eagerly; under DDP one module serves every batch.
-    return maybe_compile(wrapped, fast, None if ctx.distributed else cfg.batch_size), model
+    return maybe_compile(wrapped, fast_path, None if ctx.distributed else cfg.batch_size), model
 
 
-def _end_epoch(trainer: _Trainer, epoch: int, train: EpochStats, val_top1: float,
-               val_seconds: float) -> None:
-    state = trainer.state
-    record = {"epoch": epoch, "train_loss": train.loss, "train_top1": train.top1,
-              "val_top1": val_top1, "train_images_per_s": train.images_per_s,
-              "train_seconds": train.seconds, "val_seconds": val_seconds}
-    improved = val_top1 > state.best
-    if improved:
-        state.best, state.best_epoch = val_top1, epoch
-    state.epoch = epoch
-    state.history.append(record)
+def _end_epoch(trainer: _Trainer, record: EpochRecord) -> None:
+    improved = trainer.progress.end_epoch(record)
     if trainer.ctx.is_main:
-        _save(trainer, improved)
-        _report(trainer.job, record, trainer.ctx)
+        _save_checkpoint(trainer, improved)
+    for callback in trainer.on_epoch:  # rank 0 only: the list is empty on the others
+        callback(record)
 
 
 def _preempt(trainer: _Trainer, steps_done: int) -> None:
     """Checkpoint the step just finished (rank 0), leave a marker for the task, and stop."""
-    trainer.state.step = steps_done
+    trainer.progress.step = steps_done
     if trainer.ctx.is_main:
-        _save(trainer, improved=False)
+        _save_checkpoint(trainer, improved=False)
         marker = Path(trainer.job.out_dir) / PREEMPTED_MARKER
-        marker.write_text(f"epoch {trainer.state.epoch} done, {steps_done} steps into the next\n")
+        marker.write_text(f"epoch {trainer.progress.epoch} done, {steps_done} steps into the next\n")
         log.warning("preempted: checkpoint written %d steps into epoch %d", steps_done,
-                    trainer.state.epoch + 1)
-    raise Preempted
+                    trainer.progress.epoch + 1)
+    raise PreemptionCheckpointed
 
 
 def validate(model: nn.Module, share: Batches, criterion: nn.Module, ctx: DistContext,
-             fast: FastPath | None = None) -> float:
-    """Top-1 of rank 0's model over the validation split, each rank scoring its own share.
+             fast_path: FastPath | None = None) -> EpochStats:
+    """Loss and top-1 of rank 0's model over the validation split, each rank scoring its share.
 
     Rank 0's BatchNorm statistics go to every rank first, so all score the model rank 0 saves;
-    the sums of correct answers and of images are then added up over the ranks. ``fast`` (the
-    training's fast path) runs it in bf16 and channels-last on a GPU, as the fine-tune's is.
+    the sums of losses, correct answers and images are then added up over the ranks.
+    ``fast_path`` (the training's) runs it in bf16 and channels-last on a GPU, as the fine-tune's is.
     """
+    start = time.perf_counter()
     broadcast_buffers(model, ctx)
-    local = evaluate(model, share, criterion, ctx.device, fast)  # autocast as in training
-    return EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds).top1
+    local = evaluate(model, share, criterion, ctx.device, fast_path)  # autocast as in training
+    return EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), time.perf_counter() - start)
 
 
-def _save(trainer: _Trainer, improved: bool) -> None:
-    state, ctx, cfg = trainer.state, trainer.ctx, trainer.job.config
-    checkpoint = {
-        "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(), "scaler": {}, "epoch": state.epoch,
-        "step": state.step, "phase": "scratch", "config": cfg.model_dump_json(),
-        "spec": trainer.spec.model_dump_json(), "world_size": ctx.world_size, "rank": ctx.rank,
-        "val_top1": state.history[-1]["val_top1"] if state.history else 0.0,
-        "rng": torch.get_rng_state(),
-        "progress": {"best": state.best, "best_epoch": state.best_epoch, "history": state.history},
-    }
+def _save_checkpoint(trainer: _Trainer, improved: bool) -> None:
     out_dir = Path(trainer.job.out_dir)
-    rotate_and_save(checkpoint, out_dir, best=improved)
+    save_progress(out_dir, model=trainer.model, optimizer=trainer.optimizer,
+                  scheduler=trainer.scheduler, cfg=trainer.job.config, spec=trainer.spec,
+                  progress=trainer.progress, phase="train", improved=improved,
+                  # the step count is in shards of this world size
+                  world_size=trainer.ctx.world_size, rank=trainer.ctx.rank)
     if trainer.job.shared_dir:  # S3: the next attempt may run on other hosts
         changed = ["prev.pt", "prev.pt.sha256"] + (["best.pt", "best.pt.sha256"] if improved else [])
         SharedStore(trainer.job.shared_dir).push(out_dir, [*changed, "last.pt", "last.pt.sha256"])
 
 
-def _report(job: WorkerJob, record: dict[str, float], ctx: DistContext) -> None:
-    log.info("epoch %d/%d train loss %.4f top-1 %.3f | val top-1 %.3f (%.0f img/s, world %d)",
-             record["epoch"], job.config.epochs, record["train_loss"], record["train_top1"],
-             record["val_top1"], record["train_images_per_s"], ctx.world_size)
-    if job.mlflow_run_id:
-        step = int(record["epoch"])
-        tracking.log_metrics(job.mlflow_run_id, {k: v for k, v in record.items() if k != "epoch"}, step)
+def _log_epoch(cfg: GoogLeNetConfig, ctx: DistContext) -> EpochCallback:
+    def log_line(record: EpochRecord) -> None:
+        log.info("epoch %d/%d train loss %.4f top-1 %.3f | val top-1 %.3f (%.0f img/s, world %d)",
+                 record["epoch"], cfg.epochs, record["train_loss"], record["train_top1"],
+                 record["val_top1"], record["train_images_per_s"], ctx.world_size)
+    return log_line
 
 
 def write_result(result: TrainResult, path: Path) -> None:
@@ -451,7 +377,7 @@ def _run(job_path: str) -> int:
             _log_world(job.mlflow_run_id, ctx)
         try:
             result = train_googlenet(job, ctx)
-        except Preempted:
+        except PreemptionCheckpointed:
             return PREEMPTED_EXIT_CODE
         if ctx.is_main:
             write_result(result, Path(job.result_path))

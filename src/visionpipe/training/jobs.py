@@ -1,0 +1,93 @@
+"""The DDP worker's job file, and one node's launch of it: write the job, run torchrun, read
+rank 0's result. Single-node runs call ``launch_on_this_node``; a node of a multi-node run
+builds its job with the same ``write_worker_job`` (``training.multinode``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from visionpipe.config import GoogLeNetConfig
+from visionpipe.data import PreparedDataset
+from visionpipe.training import launch
+from visionpipe.training.result import TrainResult
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", what a preempted rank exits with
+PREEMPTED_MARKER = "PREEMPTED"  # rank 0 leaves it beside the checkpoint it wrote on SIGTERM
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+class WorkerJob(BaseModel):
+    """Everything a rank needs, written as JSON by whoever launches torchrun."""
+
+    config: GoogLeNetConfig
+    dataset: PreparedDataset
+    out_dir: str
+    result_path: str
+    mlflow_run_id: str | None = None
+    # Multi-node: the S3 prefix rank 0 uploads checkpoints to (a mounted volume is out_dir
+    # itself), and the node run this launch belongs to.
+    shared_dir: str | None = None
+    node_index: int | None = None
+
+
+def has_cuda() -> bool:
+    """Whether this process sees a CUDA device (for callers that do not import torch)."""
+    return torch.cuda.is_available()
+
+
+def write_worker_job(job_path: Path, cfg: GoogLeNetConfig, dataset: PreparedDataset,
+                     out_dir: Path, result_path: Path, mlflow_run_id: str | None,
+                     shared_dir: str | None = None, node_index: int | None = None) -> WorkerJob:
+    """Write the worker's job file to ``job_path``; checkpoints go to ``out_dir``."""
+    job = WorkerJob(config=cfg, dataset=dataset, out_dir=str(out_dir),
+                    result_path=str(result_path), mlflow_run_id=mlflow_run_id,
+                    shared_dir=shared_dir, node_index=node_index)
+    job_path.parent.mkdir(parents=True, exist_ok=True)
+    job_path.write_text(job.model_dump_json(indent=2))
+    return job
+
+
+def launch_on_this_node(cfg: GoogLeNetConfig, dataset: PreparedDataset, out_dir: Path,
+                        mlflow_run_id: str | None, rdzv_id: str,
+                        on_line: Callable[[int | None, str], None], *,
+                        hold_compute: Callable[[int], AbstractContextManager[Any]] = lambda n: nullcontext(),
+                        stop: threading.Event | None = None,
+                        logger: Logger = log) -> TrainResult:
+    """Train GoogLeNet with torchrun on this host; return rank 0's result.
+
+    ``hold_compute(nproc)`` is held while the ranks run (the orchestrator's GPU slots);
+    ``stop``, once set, kills the launch. A launch that fails after rank 0 checkpointed on
+    SIGTERM raises ``LaunchPreempted``: a retry resumes from that checkpoint.
+    """
+    job_path, result_path = out_dir / "job.json", out_dir / "result.json"
+    write_worker_job(job_path, cfg, dataset, out_dir, result_path, mlflow_run_id)
+    nproc = launch.default_nproc(cfg.launch)
+    cmd = launch.torchrun_command(cfg.launch, job_path, nproc, rdzv_id=rdzv_id)
+    logger.info("launching %d process(es) per node: %s", nproc, " ".join(cmd))
+    marker = out_dir / PREEMPTED_MARKER
+    marker.unlink(missing_ok=True)
+    with hold_compute(nproc):
+        if stop is not None and stop.is_set():  # asked while it waited for the compute
+            raise launch.LaunchStopped("train-googlenet was stopped before its launch: another "
+                                       "stage of the run failed (its error is the run's)")
+        try:
+            launch.run_torchrun(cmd, cfg.launch.timeout_s, on_line,
+                                env=launch.worker_env(nproc), stop=stop)
+        except launch.LaunchError as exc:
+            if marker.exists() and not isinstance(exc, launch.LaunchTimeout):
+                raise launch.LaunchPreempted(
+                    f"training was preempted ({marker.read_text().strip()}); a retry resumes "
+                    "from its checkpoint") from exc
+            raise
+    return TrainResult.model_validate_json(result_path.read_text())
