@@ -80,6 +80,21 @@ class WeightsConfig(_Config):
         return value
 
 
+def weights_arch_mismatch(uri: str, arch: str) -> str | None:
+    """What is wrong when ``uri`` names torchvision weights of another architecture than ``arch``.
+
+    Checked by the form (``PipelineConfig``) and again by ``fetch_weights`` before a download;
+    other URIs carry no architecture in their name, so ``check_state_dict_keys`` checks them.
+    """
+    if not uri.startswith("torchvision:"):
+        return None
+    weights_arch = uri.split(":", 1)[1].split(".", 1)[0]
+    if weights_arch == arch:
+        return None
+    return (f"weights {uri!r} are for {weights_arch} but finetune.arch is {arch!r}. Fix: use "
+            f"torchvision:{arch}.<WEIGHTS> or set finetune.arch to {weights_arch!r}.")
+
+
 class Phase(_Config):
     """One fine-tuning phase: which modules train, for how long, at what learning rate."""
 
@@ -113,19 +128,6 @@ class OptimConfig(_Config):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-
-
-class FastPath(BaseModel):
-    """The switches resolved for one device."""
-
-    autocast_bf16: bool
-    channels_last: bool
-    cudnn_benchmark: bool
-    data_on_device: bool
-    compile: bool
-    static_graph: bool
-    decode_on_device: bool = False
-    compile_mode: CompileMode = "default"
 
 
 class FastPathConfig(_Config):
@@ -173,39 +175,6 @@ class FastPathConfig(_Config):
         False, description="Streaming: the workers only read the JPEGs and the GPU decodes them "
         "(torchvision.io.decode_jpeg on CUDA), for when the CPU cannot decode fast enough. Their "
         "pixels differ slightly from the CPU decoder's; other files are decoded as in memory.")
-
-    def wants_streaming(self, train_bytes: int) -> bool:
-        """Whether to stream a training split of ``train_bytes`` decoded bytes."""
-        if self.streaming is not None:
-            return self.streaming
-        return train_bytes > self.memory_limit_gb * 2**30
-
-    def resolve(self, device_type: str, planned_images: int = 0, distributed: bool = False,
-                grad_accumulation: int = 1) -> FastPath:
-        """The switches for ``device_type``; ``planned_images`` (the images the stage will
-        train on) decides an empty ``compile``, ``distributed`` an empty ``compile_mode``.
-
-        CUDA graphs (``reduce-overhead``) are never used with gradient accumulation: their
-        replays overwrite the gradient buffers that the next micro-batch adds to (PyTorch
-        issue 169545); ``default`` is used instead, also in place of an explicit choice.
-        """
-        gpu = device_type == "cuda"
-        compile_ = (gpu and planned_images >= self.compile_min_images) if self.compile is None \
-            else self.compile
-        mode: CompileMode = self.compile_mode or (
-            "reduce-overhead" if gpu and not distributed else "default")
-        if mode == "reduce-overhead" and grad_accumulation > 1:
-            mode = "default"
-
-        def pick(value: bool | None) -> bool:
-            return gpu if value is None else value
-
-        return FastPath(autocast_bf16=pick(self.autocast_bf16),
-                        channels_last=self.channels_last is not False,
-                        cudnn_benchmark=gpu and pick(self.cudnn_benchmark),
-                        data_on_device=gpu and pick(self.data_on_device), compile=compile_,
-                        static_graph=pick(self.static_graph),
-                        decode_on_device=self.decode_on_device, compile_mode=mode)
 
 
 class FinetuneConfig(_Config):
@@ -383,41 +352,14 @@ class PipelineConfig(_Config):
 
     @model_validator(mode="after")
     def _weights_match_arch(self) -> PipelineConfig:
-        uri = self.weights.uri
-        if uri.startswith("torchvision:"):
-            weights_arch = uri.split(":", 1)[1].split(".", 1)[0]
-            if weights_arch != self.finetune.arch:
-                raise ValueError(
-                    f"weights {uri!r} are for {weights_arch} but finetune.arch is "
-                    f"{self.finetune.arch!r}; use torchvision:{self.finetune.arch}.<WEIGHTS>"
-                )
+        mismatch = weights_arch_mismatch(self.weights.uri, self.finetune.arch)
+        if mismatch is not None:
+            raise ValueError(mismatch)
         return self
 
     @property
     def model_name(self) -> str:
         return self.registry.model_name or f"{self.data.dataset_name}-classifier"
-
-
-BATCH_GEOMETRY = {"batch_size", "grad_accumulation"}
-
-
-# FastPathConfig fields that change only the speed of a run, not its batches or arithmetic.
-SPEED_ONLY = {"compile", "compile_mode", "compile_min_images", "num_workers"}
-
-
-def same_training(before: BaseModel, now: BaseModel, ignore: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
-    """Whether a checkpoint written under ``before`` can be resumed under ``now``.
-
-    The batch may be split differently (after an out-of-memory retry) as long as the global
-    batch, ``batch_size x grad_accumulation``, is the same.
-    """
-    skip: dict[str, Any] = {name: True for name in set(ignore) | BATCH_GEOMETRY}
-    if "fast" in type(now).model_fields and "fast" not in skip:
-        skip["fast"] = SPEED_ONLY  # how fast, not what is computed: free to change on resume
-    if before.model_dump(exclude=skip) != now.model_dump(exclude=skip):
-        return False
-    return bool(before.batch_size * before.grad_accumulation  # type: ignore[attr-defined]
-                == now.batch_size * now.grad_accumulation)  # type: ignore[attr-defined]
 
 
 def quickstart() -> PipelineConfig:

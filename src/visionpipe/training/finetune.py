@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionpipe.config import FastPath, FinetuneConfig, Phase, same_training
+from visionpipe.config import FinetuneConfig, Phase
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.data.loading import drops_lone_last, training_batches
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
@@ -27,7 +27,9 @@ from visionpipe.models import (
     train_mode,
 )
 from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
+from visionpipe.training.fastpath import FastPath, resolve_fast_path, wants_streaming
 from visionpipe.training.result import TrainResult
+from visionpipe.training.resume import same_training
 from visionpipe.weights import check_state_dict_keys, load_state_dict_file
 from visionpipe.training.loop import (
     EpochStats,
@@ -141,7 +143,7 @@ def finetune(
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     planned = dataset.split_counts["train"] * sum(phase.epochs for phase in cfg.phases)
-    fast = cfg.fast.resolve(device.type, planned_images=planned,
+    fast = resolve_fast_path(cfg.fast, device.type, planned_images=planned,
                             grad_accumulation=cfg.grad_accumulation)
     data = _load_data(dataset, cfg, device, fast)
     check_batch_size(cfg.batch_size, data.count("train"))
@@ -184,7 +186,7 @@ def _load_data(dataset: PreparedDataset, cfg: FinetuneConfig, device: torch.devi
                fast: FastPath) -> _Data:
     """Train and val splits as uint8 tensors, on the GPU for small datasets (fast path), or
     streamed batch by batch when the training split is too large to hold in memory."""
-    if cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
+    if wants_streaming(cfg.fast, decoded_bytes(dataset, "train")):
         log.info("streaming %s from disk: %d training images", dataset.name,
                  dataset.split_counts["train"])
         return _Data(cfg, device, dataset=dataset)

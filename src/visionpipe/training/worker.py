@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 
 from visionpipe import faults, tracking
-from visionpipe.config import FastPath, GoogLeNetConfig, same_training
+from visionpipe.config import GoogLeNetConfig
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.data.loading import BatchIterator, drops_lone_last
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
@@ -44,6 +44,7 @@ from visionpipe.training.distributed import (
     nodes_in_world,
 )
 from visionpipe.training.finetune import check_batch_size
+from visionpipe.training.fastpath import FastPath, resolve_fast_path, wants_streaming
 from visionpipe.training.loop import (
     EpochStats,
     apply_fast_path,
@@ -55,6 +56,7 @@ from visionpipe.training.loop import (
     warmup_cosine,
 )
 from visionpipe.training.result import TrainResult
+from visionpipe.training.resume import same_training
 from visionpipe.training.shared import SharedStore
 from visionpipe.training.syncbn import convert_sync_batchnorm
 
@@ -180,7 +182,7 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     # An empty fast.compile stays off here: GoogLeNet's compile pays only after about 8 million
     # images per process, and compiling under DDP was not measured (docs/benchmarks.md).
-    fast = cfg.fast.resolve(ctx.device.type, distributed=ctx.distributed,
+    fast = resolve_fast_path(cfg.fast, ctx.device.type, distributed=ctx.distributed,
                             grad_accumulation=cfg.grad_accumulation)
     check_batch_size(cfg.batch_size, dataset.split_counts["train"] // ctx.world_size)
     epoch_batches, val_loader = _batches(dataset, cfg, ctx, fast)
@@ -242,7 +244,7 @@ def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
     memory (small datasets, on the GPU with the fast path), or streamed from disk by DataLoader
     workers when the training split is larger than ``fast.memory_limit_gb``.
     """
-    if not cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
+    if not wants_streaming(cfg.fast, decoded_bytes(dataset, "train")):
         train_x, train_y = load_split(dataset, "train")
         if fast.data_on_device:  # small datasets stay on the GPU; batches are sliced there
             train_x, train_y = train_x.to(ctx.device), train_y.to(ctx.device)
@@ -331,7 +333,7 @@ def _check_resumable(saved: dict[str, Any], cfg: GoogLeNetConfig) -> GoogLeNetCo
 
 def build_ddp_model(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
     """The network wrapped for DDP (or not, alone) and the bare module whose state is saved."""
-    fast = cfg.fast.resolve(ctx.device.type, distributed=ctx.distributed,
+    fast = resolve_fast_path(cfg.fast, ctx.device.type, distributed=ctx.distributed,
                             grad_accumulation=cfg.grad_accumulation)
     return _wrap(build_googlenet(num_classes, cfg.small_input_stem).to(ctx.device), cfg, ctx, fast)
 
