@@ -6,6 +6,7 @@ at its edge, the DDP worker receives it as JSON and every checkpoint and MLflow 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -137,8 +138,8 @@ class FastPathConfig(_Config):
     autocast_bf16: bool | None = Field(None, description="bf16 autocast for forward and loss.")
     channels_last: bool | None = Field(
         None, description="NHWC memory format for convolutions. Empty: on, on the CPU too, where "
-        "oneDNN's convolutions trained GoogLeNet 1.3x and ResNet-50 at batch 64 1.14x faster "
-        "with it (ResNet-50 at batch 16: 0.88x, set false there).")
+        "oneDNN's convolutions measured faster with it at the default batches; at small batches "
+        "ResNet-50 can be slower, so set false there (figures: docs/benchmarks.md).")
     cudnn_benchmark: bool | None = Field(None, description="Let cuDNN pick the fastest kernels.")
     data_on_device: bool | None = Field(
         None, description="Keep small datasets on the GPU as uint8; augment and normalise there."
@@ -146,19 +147,20 @@ class FastPathConfig(_Config):
     compile: bool | None = Field(
         None, description="torch.compile the training step. Empty: the fine-tune compiles on a "
         "GPU when it trains at least compile_min_images images (epochs x training images), "
-        "where the compile time measured for ResNet-50 (33 to 45 s) has paid for itself; "
-        "GoogLeNet under DDP compiles only when this is true.",
+        "a run long enough for the compile time to pay for itself; GoogLeNet under DDP "
+        "compiles only when this is true (figures: docs/benchmarks.md).",
     )
     compile_min_images: int = Field(
-        1_000_000, ge=0, description="The fine-tune's run length from which an empty 'compile' "
-        "compiles. Measured break-even for ResNet-50 on an H200: 0.5 to 0.74 million images "
+        1_000_000, ge=0, description="The fine-tune's run length (images) from which an empty "
+        "'compile' compiles; set above the break-even measured for ResNet-50 on a GPU "
         "(docs/benchmarks.md).")
     compile_mode: CompileMode | None = Field(
         None, description="torch.compile's mode. Empty: 'reduce-overhead' (CUDA graphs) for "
-        "the single-process fine-tune, where it measured fastest (4x on 32 x 32 images, whose "
-        "steps are too short for the host to keep the GPU busy); 'default' under DDP and with "
-        "gradient accumulation. "
-        "'max-autotune-no-cudagraphs' searches kernels for minutes longer.")
+        "the single-process fine-tune, where it measured fastest, most of all on small images, "
+        "whose steps are too short for the host to keep the GPU busy; 'default' under DDP and "
+        "with gradient accumulation, whose buffers CUDA graph replays would overwrite. "
+        "'max-autotune-no-cudagraphs' searches kernels for minutes longer "
+        "(figures: docs/benchmarks.md).")
     static_graph: bool | None = Field(
         None, description="DDP static_graph: valid because every step uses the same parameters."
     )
@@ -313,6 +315,33 @@ class EvalConfig(_Config):
     batch_size: int = Field(256, gt=0)
 
 
+# MLflow's rule for registered model aliases (mlflow/utils/validation.py in MLflow 3.17), kept
+# here because MLflow's own validators are private: letters, digits, '_' and '-' (\w is Unicode
+# there too), at most 255 characters, and neither 'latest' nor v<digits>, which MLflow reserves
+# for the newest version and for version numbers.
+_ALIAS_CHARACTERS = re.compile(r"[\w\-]+")
+_ALIAS_VERSION = re.compile(r"[vV]\d+")
+_ALIAS_MAX_LENGTH = 255
+
+
+def mlflow_alias_problem(alias: str) -> str | None:
+    """What MLflow's registry would refuse in ``alias``, with the fix; None if it is accepted."""
+    fix = "Fix: choose another alias, e.g. 'champion'."
+    if not alias:
+        return f"Registered model alias name cannot be empty. {fix}"
+    if not _ALIAS_CHARACTERS.fullmatch(alias):
+        return (f"Invalid alias name: {alias!r}. Names may only contain alphanumerics, "
+                f"underscores (_), and dashes (-). {fix}")
+    if len(alias) > _ALIAS_MAX_LENGTH:
+        return (f"Registered model alias name has {len(alias)} characters, more than MLflow's "
+                f"{_ALIAS_MAX_LENGTH}. {fix}")
+    if alias.lower() == "latest":
+        return f"'latest' alias name (case insensitive) is reserved. {fix}"
+    if _ALIAS_VERSION.fullmatch(alias):
+        return f"Version alias name {alias!r} is reserved (it reads as a version number). {fix}"
+    return None
+
+
 class RegistryConfig(_Config):
     """Where candidates are registered and when the champion alias moves."""
 
@@ -324,18 +353,10 @@ class RegistryConfig(_Config):
     @field_validator("alias")
     @classmethod
     def _mlflow_alias(cls, alias: str) -> str:
-        # MLflow's own rules, checked in the form rather than after all the training.
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils.validation import (
-            _validate_model_alias_name,
-            _validate_model_alias_name_reserved,
-        )
-
-        try:
-            _validate_model_alias_name(alias)
-            _validate_model_alias_name_reserved(alias)
-        except MlflowException as exc:
-            raise ValueError(exc.message) from None
+        # Checked in the form rather than when the gate sets it, after all the training.
+        problem = mlflow_alias_problem(alias)
+        if problem is not None:
+            raise ValueError(problem)
         return alias
 
 
