@@ -107,20 +107,30 @@ def test_auxiliary_losses_count_with_their_weight_in_training() -> None:
     torch.testing.assert_close(plain, ce(main, labels))
 
 
-def test_the_worker_runs_as_one_plain_process_without_torchrun(tiny_digits: PreparedDataset,
-                                                               tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_worker_runs_as_one_plain_process_without_torchrun_and_learns(
+    vp_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from visionpipe.config import GoogLeNetConfig
+    from visionpipe.training.result import TrainResult
     from visionpipe.training.worker import WorkerJob, main
 
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    job = WorkerJob(config=GoogLeNetConfig(epochs=1, batch_size=16), dataset=tiny_digits,
-                    out_dir=str(tmp_path), result_path=str(tmp_path / "result.json"))
+    # 16 x 16 digits: a quarter of the default's pixels, so that six epochs from scratch stay short.
+    digits = prepare_dataset(DataConfig(max_per_class=12, image_size=16))
+    cfg = GoogLeNetConfig(epochs=6, batch_size=16, lr=0.02, warmup_epochs=0)
+    job = WorkerJob(config=cfg, dataset=digits, out_dir=str(tmp_path),
+                    result_path=str(tmp_path / "result.json"))
     (tmp_path / "job.json").write_text(job.model_dump_json())
     assert main([str(tmp_path / "job.json")]) == 0
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["world_size"] == 1 and (tmp_path / "result.json").exists()
+    history = TrainResult.model_validate_json((tmp_path / "result.json").read_text()).history
+    # Measured on 2 CPU cores: train loss 3.86 -> 2.64, train top-1 0.075 -> 0.59 (chance: 0.1).
+    # Validation top-1 is still near chance this early (BatchNorm's running statistics lag
+    # behind 30 steps of a network from scratch), so learning is checked on the training split.
+    assert len(history) == 6 and history[-1]["train_loss"] < 0.85 * history[0]["train_loss"]
+    assert history[-1]["train_top1"] >= 0.3
 
 
 class _Interrupt(Exception):
