@@ -108,6 +108,7 @@ def cache_lookup(cache: Path, source: Source) -> tuple[Path, str] | None:
 
 
 def _read_index(cache: Path) -> dict[str, str]:
+    """The index's ``key -> digest`` entries; a missing or unreadable index is empty."""
     try:
         data = json.loads((cache / _INDEX).read_text())
     except FileNotFoundError:

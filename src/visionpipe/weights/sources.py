@@ -131,6 +131,7 @@ def digest_prefix(name: str) -> str | None:
 
 
 def _file_path(uri: str) -> Path:
+    """The local path of a ``file:`` URI; another host is refused."""
     parsed = urlparse(uri)
     if parsed.netloc not in ("", "localhost"):
         raise WeightsError(f"{uri!r} names host {parsed.netloc!r}. Fix: use file:///abs/path.")
@@ -285,6 +286,7 @@ def _registry_chunks(pinned: str, location: str, store: str) -> Iterator[bytes]:
 
 
 def _find_state_dict(root: Path, pinned: str) -> Path:
+    """The model's own ``state_dict.pt`` among a registered version's downloaded artifacts."""
     if root.is_file() and root.name == "state_dict.pt":
         return root
     # The shallowest match is the model's own; deeper ones would belong to nested artifacts.

@@ -73,6 +73,7 @@ def load_state_dict_file(
 
 
 def _as_state_dict(obj: object, path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """``obj`` if it is a ``str -> Tensor`` mapping, else a WeightsError that names the fix."""
     fix = "Fix: save weights with torch.save(model.state_dict(), path)."
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict. {fix}")
