@@ -55,6 +55,7 @@ from torch import nn  # noqa: E402
 
 from visionpipe.config import FastPathConfig, OptimConfig  # noqa: E402
 from visionpipe.models import build_googlenet, build_resnet  # noqa: E402
+from visionpipe.training.fastpath import resolve_fast_path  # noqa: E402
 from visionpipe.training.loop import (  # noqa: E402
     apply_fast_path,
     build_optimizer,
@@ -129,7 +130,7 @@ def plain_amp(model: nn.Module, batches: Callable[[], Batches], device: torch.de
 def ours(model: nn.Module, batches: Callable[[], Batches], device: torch.device, aux_weight: float,
          fast_cfg: FastPathConfig | None = None) -> Callable[[], int]:
     """Our step loop with the fast path that the pipeline resolves for this device."""
-    fast = (fast_cfg or FastPathConfig()).resolve(device.type)
+    fast = resolve_fast_path(fast_cfg or FastPathConfig(), device.type)
     model = apply_fast_path(model, fast)
     optimizer = build_optimizer([{"params": list(model.parameters()), "lr": 0.01}],
                                 OptimConfig(), device)

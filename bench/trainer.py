@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from visionpipe.config import DataConfig, FastPathConfig
 from visionpipe.data import build_loader, load_split, normalize, prepare_dataset
 from visionpipe.models import build_googlenet, build_resnet, set_trainable, train_mode
+from visionpipe.training.fastpath import resolve_fast_path
 from visionpipe.training.loop import apply_fast_path, train_one_epoch, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def channels_last_speedup(name: str, build: Callable[[], nn.Module], images: tor
 
     def trainer(channels_last: bool) -> Callable[[], int]:
         torch.manual_seed(0)
-        fast = FastPathConfig(channels_last=channels_last).resolve("cpu")
+        fast = resolve_fast_path(FastPathConfig(channels_last=channels_last), "cpu")
         model = apply_fast_path(build(), fast)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 

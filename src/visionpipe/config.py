@@ -6,6 +6,7 @@ at its edge, the DDP worker receives it as JSON and every checkpoint and MLflow 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -80,6 +81,21 @@ class WeightsConfig(_Config):
         return value
 
 
+def weights_arch_mismatch(uri: str, arch: str) -> str | None:
+    """What is wrong when ``uri`` names torchvision weights of another architecture than ``arch``.
+
+    Checked by the form (``PipelineConfig``) and again by ``fetch_weights`` before a download;
+    other URIs carry no architecture in their name, so ``check_state_dict_keys`` checks them.
+    """
+    if not uri.startswith("torchvision:"):
+        return None
+    weights_arch = uri.split(":", 1)[1].split(".", 1)[0]
+    if weights_arch == arch:
+        return None
+    return (f"weights {uri!r} are for {weights_arch} but finetune.arch is {arch!r}. Fix: use "
+            f"torchvision:{arch}.<WEIGHTS> or set finetune.arch to {weights_arch!r}.")
+
+
 class Phase(_Config):
     """One fine-tuning phase: which modules train, for how long, at what learning rate."""
 
@@ -115,19 +131,6 @@ class OptimConfig(_Config):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
-class FastPath(BaseModel):
-    """The switches resolved for one device."""
-
-    autocast_bf16: bool
-    channels_last: bool
-    cudnn_benchmark: bool
-    data_on_device: bool
-    compile: bool
-    static_graph: bool
-    decode_on_device: bool = False
-    compile_mode: CompileMode = "default"
-
-
 class FastPathConfig(_Config):
     """Speed switches. Empty means: on when the run has a CUDA device, off on the CPU, except
     ``channels_last``, which is faster on both (docs/benchmarks.md)."""
@@ -135,8 +138,8 @@ class FastPathConfig(_Config):
     autocast_bf16: bool | None = Field(None, description="bf16 autocast for forward and loss.")
     channels_last: bool | None = Field(
         None, description="NHWC memory format for convolutions. Empty: on, on the CPU too, where "
-        "oneDNN's convolutions trained GoogLeNet 1.3x and ResNet-50 at batch 64 1.14x faster "
-        "with it (ResNet-50 at batch 16: 0.88x, set false there).")
+        "oneDNN's convolutions measured faster with it at the default batches; at small batches "
+        "ResNet-50 can be slower, so set false there (figures: docs/benchmarks.md).")
     cudnn_benchmark: bool | None = Field(None, description="Let cuDNN pick the fastest kernels.")
     data_on_device: bool | None = Field(
         None, description="Keep small datasets on the GPU as uint8; augment and normalise there."
@@ -144,19 +147,20 @@ class FastPathConfig(_Config):
     compile: bool | None = Field(
         None, description="torch.compile the training step. Empty: the fine-tune compiles on a "
         "GPU when it trains at least compile_min_images images (epochs x training images), "
-        "where the compile time measured for ResNet-50 (33 to 45 s) has paid for itself; "
-        "GoogLeNet under DDP compiles only when this is true.",
+        "a run long enough for the compile time to pay for itself; GoogLeNet under DDP "
+        "compiles only when this is true (figures: docs/benchmarks.md).",
     )
     compile_min_images: int = Field(
-        1_000_000, ge=0, description="The fine-tune's run length from which an empty 'compile' "
-        "compiles. Measured break-even for ResNet-50 on an H200: 0.5 to 0.74 million images "
+        1_000_000, ge=0, description="The fine-tune's run length (images) from which an empty "
+        "'compile' compiles; set above the break-even measured for ResNet-50 on a GPU "
         "(docs/benchmarks.md).")
     compile_mode: CompileMode | None = Field(
         None, description="torch.compile's mode. Empty: 'reduce-overhead' (CUDA graphs) for "
-        "the single-process fine-tune, where it measured fastest (4x on 32 x 32 images, whose "
-        "steps are too short for the host to keep the GPU busy); 'default' under DDP and with "
-        "gradient accumulation. "
-        "'max-autotune-no-cudagraphs' searches kernels for minutes longer.")
+        "the single-process fine-tune, where it measured fastest, most of all on small images, "
+        "whose steps are too short for the host to keep the GPU busy; 'default' under DDP and "
+        "with gradient accumulation, whose buffers CUDA graph replays would overwrite. "
+        "'max-autotune-no-cudagraphs' searches kernels for minutes longer "
+        "(figures: docs/benchmarks.md).")
     static_graph: bool | None = Field(
         None, description="DDP static_graph: valid because every step uses the same parameters."
     )
@@ -173,39 +177,6 @@ class FastPathConfig(_Config):
         False, description="Streaming: the workers only read the JPEGs and the GPU decodes them "
         "(torchvision.io.decode_jpeg on CUDA), for when the CPU cannot decode fast enough. Their "
         "pixels differ slightly from the CPU decoder's; other files are decoded as in memory.")
-
-    def wants_streaming(self, train_bytes: int) -> bool:
-        """Whether to stream a training split of ``train_bytes`` decoded bytes."""
-        if self.streaming is not None:
-            return self.streaming
-        return train_bytes > self.memory_limit_gb * 2**30
-
-    def resolve(self, device_type: str, planned_images: int = 0, distributed: bool = False,
-                grad_accumulation: int = 1) -> FastPath:
-        """The switches for ``device_type``; ``planned_images`` (the images the stage will
-        train on) decides an empty ``compile``, ``distributed`` an empty ``compile_mode``.
-
-        CUDA graphs (``reduce-overhead``) are never used with gradient accumulation: their
-        replays overwrite the gradient buffers that the next micro-batch adds to (PyTorch
-        issue 169545); ``default`` is used instead, also in place of an explicit choice.
-        """
-        gpu = device_type == "cuda"
-        compile_ = (gpu and planned_images >= self.compile_min_images) if self.compile is None \
-            else self.compile
-        mode: CompileMode = self.compile_mode or (
-            "reduce-overhead" if gpu and not distributed else "default")
-        if mode == "reduce-overhead" and grad_accumulation > 1:
-            mode = "default"
-
-        def pick(value: bool | None) -> bool:
-            return gpu if value is None else value
-
-        return FastPath(autocast_bf16=pick(self.autocast_bf16),
-                        channels_last=self.channels_last is not False,
-                        cudnn_benchmark=gpu and pick(self.cudnn_benchmark),
-                        data_on_device=gpu and pick(self.data_on_device), compile=compile_,
-                        static_graph=pick(self.static_graph),
-                        decode_on_device=self.decode_on_device, compile_mode=mode)
 
 
 class FinetuneConfig(_Config):
@@ -344,6 +315,33 @@ class EvalConfig(_Config):
     batch_size: int = Field(256, gt=0)
 
 
+# MLflow's rule for registered model aliases (mlflow/utils/validation.py in MLflow 3.17), kept
+# here because MLflow's own validators are private: letters, digits, '_' and '-' (\w is Unicode
+# there too), at most 255 characters, and neither 'latest' nor v<digits>, which MLflow reserves
+# for the newest version and for version numbers.
+_ALIAS_CHARACTERS = re.compile(r"[\w\-]+")
+_ALIAS_VERSION = re.compile(r"[vV]\d+")
+_ALIAS_MAX_LENGTH = 255
+
+
+def mlflow_alias_problem(alias: str) -> str | None:
+    """What MLflow's registry would refuse in ``alias``, with the fix; None if it is accepted."""
+    fix = "Fix: choose another alias, e.g. 'champion'."
+    if not alias:
+        return f"Registered model alias name cannot be empty. {fix}"
+    if not _ALIAS_CHARACTERS.fullmatch(alias):
+        return (f"Invalid alias name: {alias!r}. Names may only contain alphanumerics, "
+                f"underscores (_), and dashes (-). {fix}")
+    if len(alias) > _ALIAS_MAX_LENGTH:
+        return (f"Registered model alias name has {len(alias)} characters, more than MLflow's "
+                f"{_ALIAS_MAX_LENGTH}. {fix}")
+    if alias.lower() == "latest":
+        return f"'latest' alias name (case insensitive) is reserved. {fix}"
+    if _ALIAS_VERSION.fullmatch(alias):
+        return f"Version alias name {alias!r} is reserved (it reads as a version number). {fix}"
+    return None
+
+
 class RegistryConfig(_Config):
     """Where candidates are registered and when the champion alias moves."""
 
@@ -355,18 +353,10 @@ class RegistryConfig(_Config):
     @field_validator("alias")
     @classmethod
     def _mlflow_alias(cls, alias: str) -> str:
-        # MLflow's own rules, checked in the form rather than after all the training.
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils.validation import (
-            _validate_model_alias_name,
-            _validate_model_alias_name_reserved,
-        )
-
-        try:
-            _validate_model_alias_name(alias)
-            _validate_model_alias_name_reserved(alias)
-        except MlflowException as exc:
-            raise ValueError(exc.message) from None
+        # Checked in the form rather than when the gate sets it, after all the training.
+        problem = mlflow_alias_problem(alias)
+        if problem is not None:
+            raise ValueError(problem)
         return alias
 
 
@@ -383,41 +373,14 @@ class PipelineConfig(_Config):
 
     @model_validator(mode="after")
     def _weights_match_arch(self) -> PipelineConfig:
-        uri = self.weights.uri
-        if uri.startswith("torchvision:"):
-            weights_arch = uri.split(":", 1)[1].split(".", 1)[0]
-            if weights_arch != self.finetune.arch:
-                raise ValueError(
-                    f"weights {uri!r} are for {weights_arch} but finetune.arch is "
-                    f"{self.finetune.arch!r}; use torchvision:{self.finetune.arch}.<WEIGHTS>"
-                )
+        mismatch = weights_arch_mismatch(self.weights.uri, self.finetune.arch)
+        if mismatch is not None:
+            raise ValueError(mismatch)
         return self
 
     @property
     def model_name(self) -> str:
         return self.registry.model_name or f"{self.data.dataset_name}-classifier"
-
-
-BATCH_GEOMETRY = {"batch_size", "grad_accumulation"}
-
-
-# FastPathConfig fields that change only the speed of a run, not its batches or arithmetic.
-SPEED_ONLY = {"compile", "compile_mode", "compile_min_images", "num_workers"}
-
-
-def same_training(before: BaseModel, now: BaseModel, ignore: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
-    """Whether a checkpoint written under ``before`` can be resumed under ``now``.
-
-    The batch may be split differently (after an out-of-memory retry) as long as the global
-    batch, ``batch_size x grad_accumulation``, is the same.
-    """
-    skip: dict[str, Any] = {name: True for name in set(ignore) | BATCH_GEOMETRY}
-    if "fast" in type(now).model_fields and "fast" not in skip:
-        skip["fast"] = SPEED_ONLY  # how fast, not what is computed: free to change on resume
-    if before.model_dump(exclude=skip) != now.model_dump(exclude=skip):
-        return False
-    return bool(before.batch_size * before.grad_accumulation  # type: ignore[attr-defined]
-                == now.batch_size * now.grad_accumulation)  # type: ignore[attr-defined]
 
 
 def quickstart() -> PipelineConfig:

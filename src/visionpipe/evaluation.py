@@ -17,6 +17,7 @@ from visionpipe.config import FastPathConfig
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.models import ModelSpec, build_model, inference_weights
 from visionpipe.training.checkpoint import load_checkpoint
+from visionpipe.training.fastpath import resolve_fast_path
 from visionpipe.training.loop import apply_fast_path, pick_device, predict_logits
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def evaluate_checkpoint(
     dev = pick_device(device)
     model, spec = load_trained_model(checkpoint)
     # Scored in float32 (no bf16 autocast), in the device's memory format for convolutions.
-    fast = FastPathConfig(autocast_bf16=False, compile=False).resolve(dev.type)
+    fast = resolve_fast_path(FastPathConfig(autocast_bf16=False, compile=False), dev.type)
     model = apply_fast_path(model.to(dev), fast)
     loader = build_loader(*load_split(dataset, "test"), batch_size=batch_size, shuffle=False,
                           augment=False, seed=0)

@@ -66,7 +66,9 @@ def test_gpu_benchmark_compiled_figures_on_a_tiny_model(monkeypatch: pytest.Monk
     gpu.section_compile(figures, cpu, data, 2, ["default"], ["tiny"], deadline=float("inf"))
     values = figures.values
     assert values["tiny_compile_default_images_per_s"] > 0
-    assert values["tiny_compile_default_seconds"] >= 0
+    # The warm-up pass holds the compile, so it is well above a steady pass: 18 s cold on a
+    # 2-core CPU, 0.7 s with every compile cache warm. A figure clamped to 0 missed it.
+    assert values["tiny_compile_default_seconds"] > 0.1
     assert values["tiny_compile_default_speedup_over_eager"] == pytest.approx(
         values["tiny_compile_default_images_per_s"] / values["tiny_images_per_s"], rel=1e-2)
     gpu.section_compile(figures, cpu, data, 2, ["reduce-overhead"], ["tiny"], deadline=0.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from visionpipe.config import PipelineConfig, quickstart
+from visionpipe.config import PipelineConfig, RegistryConfig, mlflow_alias_problem, quickstart
 
 
 @pytest.mark.parametrize(("patch", "message"), [
@@ -43,3 +43,44 @@ def test_the_form_schema_shows_enums_and_bounds() -> None:
     finetune = schema["$defs"]["FinetuneConfig"]["properties"]
     assert finetune["arch"]["enum"] == ["resnet18", "resnet34", "resnet50"]
     assert schema["$defs"]["Phase"]["properties"]["epochs"]["exclusiveMinimum"] == 0
+
+
+@pytest.mark.parametrize(("alias", "message"), [
+    ("", "cannot be empty"),
+    ("night/ly", "Invalid alias name: 'night/ly'"),
+    ("champion ", "Invalid alias name"),
+    ("champion\n", "Invalid alias name"),  # MLflow's '$' would let a trailing newline through
+    ("a" * 256, "256 characters, more than MLflow's 255"),
+    ("latest", "'latest' alias name .* is reserved"),
+    ("LaTeSt", "'latest' alias name .* is reserved"),
+    ("v2", "Version alias name 'v2' is reserved"),
+    ("V17", "Version alias name 'V17' is reserved"),
+])
+def test_each_alias_mlflow_refuses_is_refused_with_the_fix(alias: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=f"{message}.*Fix: choose another alias"):
+        RegistryConfig(alias=alias)
+
+
+@pytest.mark.parametrize("alias", ["champion", "challenger-2", "night_ly", "v2a", "version3",
+                                   "latest-good", "a" * 255, "Meister\u00e9"])
+def test_aliases_mlflow_accepts_are_accepted(alias: str) -> None:
+    assert RegistryConfig(alias=alias).alias == alias
+
+
+@pytest.mark.parametrize("alias", ["", "night/ly", "a" * 255, "a" * 256, "latest", "LATEST",
+                                   "v2", "V2", "v2a", "champion", "x.y", "\u00e9t\u00e9"])
+def test_the_alias_rule_is_mlflows_own(alias: str) -> None:
+    """Our copy of the rule agrees with the installed MLflow's private validators."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import (
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+    )
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+        mlflow_accepts = True
+    except MlflowException:
+        mlflow_accepts = False
+    assert (mlflow_alias_problem(alias) is None) == mlflow_accepts

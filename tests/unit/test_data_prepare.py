@@ -62,10 +62,11 @@ def test_digits_prepare_end_to_end(tiny_digits: PreparedDataset, vp_home: Path) 
     p = tiny_digits
     assert (p.name, p.num_classes, p.image_size) == ("digits", 10, 16)
     assert p.class_names == [str(d) for d in range(10)]
-    assert len(p.version) == 12 and int(p.version, 16) >= 0
+    assert len(p.version) == 12 and set(p.version) <= set("0123456789abcdef")
     assert p.split_counts == {"train": 80, "val": 20, "test": 20}
     assert Path(p.manifest_path) == vp_home / "datasets" / "digits" / p.version / "manifest.parquet"
     manifest = read_manifest(p.manifest_path)
+    assert dataset_version(manifest) == p.version  # the version is the written manifest's hash
     assert list(manifest.columns) == MANIFEST_COLUMNS
     assert manifest["label"].dtype == np.int64
     assert (manifest["label"].astype(str) == manifest["class_name"]).all()

@@ -24,6 +24,7 @@ from visionpipe.data.streaming import (
 )
 from visionpipe.models import build_resnet
 from visionpipe.training.checkpoint import load_checkpoint
+from visionpipe.training.fastpath import resolve_fast_path, wants_streaming
 
 CPU = torch.device("cpu")
 
@@ -59,9 +60,9 @@ def test_streamed_batches_equal_the_in_memory_ones_epoch_after_epoch(
 def test_streaming_starts_above_the_memory_limit(tiny_digits: PreparedDataset) -> None:
     size = decoded_bytes(tiny_digits, "train")
     assert size == tiny_digits.split_counts["train"] * 3 * tiny_digits.image_size ** 2
-    assert not FastPathConfig().wants_streaming(size)
-    assert FastPathConfig(memory_limit_gb=size / 2**30 / 2).wants_streaming(size)
-    assert FastPathConfig(streaming=True).wants_streaming(1)
+    assert not wants_streaming(FastPathConfig(), size)
+    assert wants_streaming(FastPathConfig(memory_limit_gb=size / 2**30 / 2), size)
+    assert wants_streaming(FastPathConfig(streaming=True), 1)
 
 
 def test_a_streamed_finetune_ends_with_the_weights_of_the_in_memory_one(
@@ -118,7 +119,7 @@ def test_each_rank_streams_the_shard_and_crops_it_would_slice_from_memory(
         for streaming in (False, True):
             cfg = GoogLeNetConfig(batch_size=8, augment=True,
                                   fast=FastPathConfig(streaming=streaming, num_workers=0))
-            data = load_training_data(tiny_digits, cfg.fast, CPU, cfg.fast.resolve("cpu"))
+            data = load_training_data(tiny_digits, cfg.fast, CPU, resolve_fast_path(cfg.fast, "cpu"))
             epoch_batches, _ = rank_batches(data, cfg, ctx)
             per_path.append(list(epoch_batches(2)))
         assert _same(per_path[1], per_path[0])
@@ -143,7 +144,7 @@ def test_each_rank_validates_its_own_share_streamed_or_from_memory(
             for streaming in (False, True):
                 cfg = GoogLeNetConfig(batch_size=4, fast=FastPathConfig(streaming=streaming,
                                                                          num_workers=0))
-                data = load_training_data(tiny_digits, cfg.fast, CPU, cfg.fast.resolve("cpu"))
+                data = load_training_data(tiny_digits, cfg.fast, CPU, resolve_fast_path(cfg.fast, "cpu"))
                 _, val = rank_batches(data, cfg, ctx)
                 per_path.append(list(val))
             assert _same(per_path[1], per_path[0])

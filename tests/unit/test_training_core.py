@@ -13,6 +13,7 @@ from visionpipe.config import DataConfig, FastPathConfig, FinetuneConfig, GoogLe
 from visionpipe.data import PreparedDataset, prepare_dataset
 from visionpipe.models import ModelSpec
 from visionpipe.training.checkpoint import latest_checkpoint
+from visionpipe.training.fastpath import resolve_fast_path
 from visionpipe.training.core import (
     Progress,
     Shard,
@@ -125,7 +126,7 @@ def test_one_loader_choice_gives_the_same_batches_in_memory_and_streamed(
     per_kind = []
     for streaming in (False, True):
         fast = FastPathConfig(streaming=streaming, num_workers=0)
-        data = load_training_data(tiny_digits, fast, CPU, fast.resolve("cpu"))
+        data = load_training_data(tiny_digits, fast, CPU, resolve_fast_path(fast, "cpu"))
         assert data.streaming is streaming
         first = data.batches("train", 8, shuffle=True, augment=True, seed=3, drop_lone_last=True)
         per_kind.append([(x.clone(), y.clone()) for x, y in first])
@@ -140,7 +141,7 @@ def test_one_loader_choice_gives_the_same_batches_in_memory_and_streamed(
 
 def test_shards_split_training_and_validation_between_the_ranks(tiny_digits: PreparedDataset) -> None:
     fast = FastPathConfig(streaming=False)
-    data = load_training_data(tiny_digits, fast, CPU, fast.resolve("cpu"))
+    data = load_training_data(tiny_digits, fast, CPU, resolve_fast_path(fast, "cpu"))
     count = data.count("val")
     _, whole = data.splits["val"]
     shares = [_labels(data.batches("val", 4, shuffle=False, augment=False, seed=0,

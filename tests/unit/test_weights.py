@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from pydantic import ValidationError
 
 from tests.servers import WeightsServer
-from visionpipe.config import WeightsConfig
+from visionpipe.config import PipelineConfig, WeightsConfig
 from visionpipe.weights import (
     FetchedWeights,
     WeightsError,
@@ -77,6 +78,16 @@ def test_torchvision_weights_for_another_arch_are_refused(vp_home: Path) -> None
     cfg = WeightsConfig(uri="torchvision:resnet50.IMAGENET1K_V2")
     with pytest.raises(WeightsError, match="resnet18"):
         fetch_weights(cfg, "resnet18")
+
+
+def test_the_form_and_fetch_weights_refuse_another_archs_weights_alike(vp_home: Path) -> None:
+    uri = "torchvision:resnet50.IMAGENET1K_V2"
+    with pytest.raises(ValidationError) as form:
+        PipelineConfig.model_validate({"weights": {"uri": uri}, "finetune": {"arch": "resnet18"}})
+    with pytest.raises(WeightsError, match="Fix: use torchvision:resnet18.<WEIGHTS>") as fetch:
+        fetch_weights(WeightsConfig(uri=uri), "resnet18")
+    assert str(fetch.value) in str(form.value)  # one check, one message
+    assert not (vp_home / "weights" / "index.json").exists()  # refused before any download
 
 
 @pytest.mark.parametrize(

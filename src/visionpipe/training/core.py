@@ -19,19 +19,15 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from visionpipe import tracking
-from visionpipe.config import (
-    FastPath,
-    FastPathConfig,
-    FinetuneConfig,
-    GoogLeNetConfig,
-    same_training,
-)
+from visionpipe.config import FastPathConfig, FinetuneConfig, GoogLeNetConfig
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.data.loading import drops_lone_last
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
 from visionpipe.models import ModelSpec
 from visionpipe.training.checkpoint import rotate_and_save
+from visionpipe.training.fastpath import FastPath, wants_streaming
 from visionpipe.training.loop import EpochStats
+from visionpipe.training.resume import same_training
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +38,6 @@ StageConfig = TypeVar("StageConfig", FinetuneConfig, GoogLeNetConfig)
 
 # The checkpoint's name for each stage's config, as the flow's config calls it.
 _STAGE_NAMES = {FinetuneConfig: "finetune", GoogLeNetConfig: "googlenet"}
-
-
-def resolve_fast_path(fast: FastPathConfig, device: torch.device, **kwargs: Any) -> FastPath:
-    """The speed switches of a stage on ``device`` (the one call site of ``resolve``)."""
-    return fast.resolve(device.type, **kwargs)
 
 
 @dataclass
@@ -229,7 +220,7 @@ def load_training_data(dataset: PreparedDataset, fast: FastPathConfig, device: t
                        fast_path: FastPath) -> TrainingData:
     """Train and val splits as uint8 tensors (on the GPU for small datasets, with the fast
     path), or streamed batch by batch when the training split is too large to hold in memory."""
-    if fast.wants_streaming(decoded_bytes(dataset, "train")):
+    if wants_streaming(fast, decoded_bytes(dataset, "train")):
         log.info("streaming %s from disk: %d training images", dataset.name,
                  dataset.split_counts["train"])
         return TrainingData(dataset, fast, device, fast_path.decode_on_device)

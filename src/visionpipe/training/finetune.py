@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionpipe.config import FastPath, FinetuneConfig, Phase
+from visionpipe.config import FinetuneConfig, Phase
 from visionpipe.data import PreparedDataset
 from visionpipe.data.loading import training_batches
 from visionpipe.models import (
@@ -26,6 +26,7 @@ from visionpipe.models import (
     train_mode,
 )
 from visionpipe.training.checkpoint import latest_checkpoint
+from visionpipe.training.fastpath import FastPath, resolve_fast_path
 from visionpipe.training.core import (
     Batches,
     EpochCallback,
@@ -36,7 +37,6 @@ from visionpipe.training.core import (
     epoch_callbacks,
     epoch_record,
     load_training_data,
-    resolve_fast_path,
     save_progress,
 )
 from visionpipe.training.loop import (
@@ -91,7 +91,7 @@ def finetune(
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     planned = dataset.split_counts["train"] * sum(phase.epochs for phase in cfg.phases)
-    fast_path = resolve_fast_path(cfg.fast, device, planned_images=planned,
+    fast_path = resolve_fast_path(cfg.fast, device.type, planned_images=planned,
                                   grad_accumulation=cfg.grad_accumulation)
     data = load_training_data(dataset, cfg.fast, device, fast_path)
     check_batch_size(cfg.batch_size, data.count("train"))

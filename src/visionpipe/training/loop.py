@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionpipe.config import FastPath, OptimConfig
+from visionpipe.config import OptimConfig
+from visionpipe.training.fastpath import FastPath
 
 
 @dataclass

@@ -26,7 +26,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from visionpipe import faults, tracking
-from visionpipe.config import FastPath, GoogLeNetConfig
+from visionpipe.config import GoogLeNetConfig
+from visionpipe.training.fastpath import FastPath, resolve_fast_path
 from visionpipe.models import ModelSpec, build_googlenet
 from visionpipe.training.checkpoint import latest_checkpoint
 from visionpipe.training.core import (
@@ -41,7 +42,6 @@ from visionpipe.training.core import (
     epoch_callbacks,
     epoch_record,
     load_training_data,
-    resolve_fast_path,
     save_progress,
 )
 from visionpipe.training.distributed import (
@@ -166,7 +166,7 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     # An empty fast.compile stays off here: GoogLeNet's compile pays only after about 8 million
     # images per process, and compiling under DDP was not measured (docs/benchmarks.md).
-    fast_path = resolve_fast_path(cfg.fast, ctx.device, distributed=ctx.distributed,
+    fast_path = resolve_fast_path(cfg.fast, ctx.device.type, distributed=ctx.distributed,
                                   grad_accumulation=cfg.grad_accumulation)
     check_batch_size(cfg.batch_size, dataset.split_counts["train"] // ctx.world_size)
     epoch_batches, val_batches = rank_batches(load_training_data(dataset, cfg.fast, ctx.device,
