@@ -15,7 +15,9 @@ from torch import nn
 from visionpipe.config import FastPath, FinetuneConfig, Phase, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.data.loading import drops_lone_last, training_batches
+from visionpipe.data.photo import PhotoTrainLoader, build_stream
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
+from visionpipe.data.transforms import training_is_deterministic
 from visionpipe.models import (
     ModelSpec,
     build_resnet,
@@ -53,7 +55,8 @@ class _Data:
     device: torch.device  # where the batches are delivered
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     dataset: PreparedDataset | None = None  # streamed from its files when ``splits`` is empty
-    streams: dict[tuple[str, int, bool, bool, bool], StreamingLoader] = field(default_factory=dict)
+    streams: dict[tuple[str, int, bool, bool, bool], StreamingLoader | PhotoTrainLoader] = field(
+        default_factory=dict)
 
     @property
     def streaming(self) -> bool:
@@ -75,9 +78,9 @@ class _Data:
         assert self.dataset is not None
         if key not in self.streams:  # one loader per kind: its workers persist across epochs
             fast = self.cfg.fast
-            self.streams[key] = StreamingLoader(
+            self.streams[key] = build_stream(
                 self.dataset, split, batch_size, shuffle=shuffle, augment=augment, seed=0,
-                device=self.device, num_workers=fast.num_workers,
+                device=self.device, num_workers=fast.num_workers, photo=self.cfg.photo,
                 decode_on_device=fast.decode_on_device, drop_last=drop_last)
         stream = self.streams[key]
         stream.set_epoch(0, seed=seed)  # seeded like the in-memory path: the same batches
@@ -150,7 +153,8 @@ def finetune(
     check_state_dict_keys(model, state, ignore_prefixes=[f"{h}." for h in head_modules(cfg.arch)])
     load_backbone(model, state, cfg.arch)
     spec = ModelSpec(arch=cfg.arch, num_classes=dataset.num_classes,
-                     class_names=dataset.class_names, image_size=dataset.image_size)
+                     class_names=dataset.class_names, image_size=dataset.image_size,
+                     recipe=dataset.recipe, resize_size=dataset.resize_size)
     run = _Run(model, cfg, data, device, spec, out_dir, _Progress(), on_epoch, fast)
     resume = _resume_state(run)
     run.model = apply_fast_path(model.to(device), fast)
@@ -184,7 +188,8 @@ def _load_data(dataset: PreparedDataset, cfg: FinetuneConfig, device: torch.devi
                fast: FastPath) -> _Data:
     """Train and val splits as uint8 tensors, on the GPU for small datasets (fast path), or
     streamed batch by batch when the training split is too large to hold in memory."""
-    if cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
+    # The photo recipe's training crops are drawn anew each epoch by the workers: it streams.
+    if dataset.recipe == "photo" or cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
         log.info("streaming %s from disk: %d training images", dataset.name,
                  dataset.split_counts["train"])
         return _Data(cfg, device, dataset=dataset)
@@ -282,7 +287,9 @@ def _phase_batches(model: nn.Module, cfg: FinetuneConfig, data: _Data, device: t
     backbone_frozen = all(
         is_frozen_module(m) for n, m in model.named_children() if n not in heads and list(m.parameters())
     )
-    if backbone_frozen and cfg.cache_frozen_features and not cfg.augment and heads == ("fc",):
+    recipe = data.dataset.recipe if data.dataset is not None else "small"
+    deterministic = training_is_deterministic(recipe, cfg.augment)
+    if backbone_frozen and cfg.cache_frozen_features and deterministic and heads == ("fc",):
         return _feature_batches(model, cfg, data, device)
 
     def train(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

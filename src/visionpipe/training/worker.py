@@ -32,6 +32,7 @@ from visionpipe import faults, tracking
 from visionpipe.config import FastPath, GoogLeNetConfig, same_training
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.data.loading import BatchIterator, drops_lone_last
+from visionpipe.data.photo import build_stream
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
 from visionpipe.models import ModelSpec, build_googlenet
 from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
@@ -242,7 +243,7 @@ def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
     memory (small datasets, on the GPU with the fast path), or streamed from disk by DataLoader
     workers when the training split is larger than ``fast.memory_limit_gb``.
     """
-    if not cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
+    if dataset.recipe == "small" and not cfg.fast.wants_streaming(decoded_bytes(dataset, "train")):
         train_x, train_y = load_split(dataset, "train")
         if fast.data_on_device:  # small datasets stay on the GPU; batches are sliced there
             train_x, train_y = train_x.to(ctx.device), train_y.to(ctx.device)
@@ -255,10 +256,10 @@ def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
                                   rank=ctx.rank, shuffle=True, seed=cfg.seed)
                if ctx.distributed else None)
     options = {"device": ctx.device, "num_workers": cfg.fast.num_workers,
-               "decode_on_device": fast.decode_on_device}
+               "decode_on_device": fast.decode_on_device and dataset.recipe == "small"}
     per_rank = len(sampler) if sampler is not None else count
-    train = StreamingLoader(dataset, "train", cfg.batch_size, shuffle=True, augment=cfg.augment,
-                            seed=cfg.seed, sampler=sampler, flip=False,
+    train = build_stream(dataset, "train", cfg.batch_size, shuffle=True, augment=cfg.augment,
+                            seed=cfg.seed, sampler=sampler, flip=False, photo=cfg.photo,
                             drop_last=drops_lone_last(per_rank, cfg.batch_size),
                             **options)  # type: ignore[arg-type]
     val_share = range(ctx.rank, dataset.split_counts["val"], ctx.world_size)
@@ -278,7 +279,8 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int, fast:
     cfg, dataset = job.config, job.dataset
     model = build_googlenet(dataset.num_classes, cfg.small_input_stem)
     spec = ModelSpec(arch="googlenet", num_classes=dataset.num_classes, class_names=dataset.class_names,
-                     image_size=dataset.image_size, small_input_stem=cfg.small_input_stem)
+                     image_size=dataset.image_size, small_input_stem=cfg.small_input_stem,
+                     recipe=dataset.recipe, resize_size=dataset.resize_size)
     saved = latest_checkpoint(Path(job.out_dir))  # every rank reads rank 0's files
     _check_same_checkpoint(saved, ctx)  # on every rank, with a checkpoint or without
     state = _State()
