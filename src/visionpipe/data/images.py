@@ -47,7 +47,9 @@ def open_image(source: ImageSource, needed: NeededSize | None = None) -> Image.I
             _draft(img, needed)
         img.load()
         # Phone cameras store rotation in EXIF; apply it so a photo looks the same everywhere.
-        upright = ImageOps.exif_transpose(img)
+        # (Without a rotation exif_transpose returns a copy, which costs a training loader.)
+        turned = img.getexif().get(_ORIENTATION, 1) not in (1, None)
+        upright = ImageOps.exif_transpose(img) if turned else img
     return to_rgb(upright)
 
 
