@@ -4,9 +4,9 @@
     python bench/photo_loader.py --smoke   # tiny sizes: checks that it works
 
 A photo-like ImageFolder of 2,000 JPEGs (500 x 375 and 375 x 500, one in ten 1024 x 768,
-quality 85-95) is made in a temporary folder: 400 drawn by ``make_photo_folder`` and four
-variants of each (mirrored and/or re-encoded at another quality, so each file is distinct),
-because drawing all 2,000 takes longer than the whole benchmark may. Each pass reads
+quality 85-95) is made in a temporary folder: 400 drawn by ``make_photo_folder`` (one process
+per core) and four variants of each (mirrored and/or re-encoded at another quality, so each
+file is distinct), because drawing all 2,000 takes longer than the whole benchmark may. Each pass reads
 ``--images`` of them with 2 workers in batches of 64; its rate counts from the first batch, so
 worker start-up is left out for both sides alike. Ours (the first epoch from the originals,
 later epochs from the prepared copy, the evaluation transform) and the reference alternate in
@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,9 +44,23 @@ WORKERS, BATCH, SIZE = 2, 64, 224
 H200_IMAGES_PER_S = 4_700  # what one H200 trains ResNet-50 at (docs/benchmarks.md)
 
 
+def _draw(root: Path, per_class: int, seed: int) -> None:
+    make_photo_folder(root, classes=4, per_class=per_class, large_every=10, specials=False,
+                      seed=seed)
+
+
 def make_folder(root: Path, drawn: int, variants: int) -> int:
-    """``drawn`` photo-like images and ``variants`` distinct copies of each; the file count."""
-    make_photo_folder(root, classes=4, per_class=drawn // 4, large_every=10, specials=False)
+    """``drawn`` photo-like images and ``variants`` distinct copies of each; the file count.
+
+    Drawn by one process per core (into two folders, then merged by class)."""
+    with ProcessPoolExecutor(WORKERS) as pool:
+        list(pool.map(_draw, [root / f"part{k}" for k in range(WORKERS)],
+                      [drawn // (4 * WORKERS)] * WORKERS, range(WORKERS)))
+    for part in range(WORKERS):
+        for path in sorted((root / f"part{part}").rglob("*.jpg")):
+            (root / path.parent.name).mkdir(exist_ok=True)
+            path.rename(root / path.parent.name / f"p{part}_{path.name}")
+        shutil.rmtree(root / f"part{part}")
     rng = random.Random(0)
     for path in sorted(root.rglob("*.jpg")):
         with Image.open(path) as img:
@@ -59,9 +74,11 @@ def make_folder(root: Path, drawn: int, variants: int) -> int:
 
 def reference_loader(root: Path, train: bool, indices: list[int]) -> DataLoader:
     """torchvision's references/classification loader: ImageFolder, PIL, its presets."""
+    # presets.py's default backend, "pil": crop and resize the PIL image, then PILToTensor
+    # (its ToDtype/Normalize are left out: the batches stay uint8, as ours).
     steps = ([v2.RandomResizedCrop(SIZE, antialias=True), v2.RandomHorizontalFlip()] if train
              else [v2.Resize(256, antialias=True), v2.CenterCrop(SIZE)])
-    transform = v2.Compose([v2.PILToTensor(), *steps])
+    transform = v2.Compose([*steps, v2.PILToTensor()])
     dataset = torchvision.datasets.ImageFolder(str(root), transform=transform)
     return DataLoader(Subset(dataset, indices), batch_size=BATCH, shuffle=train,
                       num_workers=WORKERS, persistent_workers=True)

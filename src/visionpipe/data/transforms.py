@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as tvf
 
 from visionpipe.config import PhotoAugmentConfig
 from visionpipe.data.errors import DatasetError
-from visionpipe.data.images import MEAN, ImageSource, open_image
+from visionpipe.data.images import MEAN, ImageSource, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,12 @@ class PhotoTrainTransform:
             drawn["size"] = (width, height)
             return math.ceil(size * width / w), math.ceil(size * height / h)
 
-        img = open_image(source, needed)
+        tensor = decode_image(source, needed)  # 3 x H x W, uint8
+        height, width = tensor.shape[-2:]
         if "box" not in drawn:  # not a JPEG: no draft, the crop is drawn on the decoded size
-            needed(*img.size)
+            needed(width, height)
         top, left, h, w = drawn["box"]
-        sx, sy = img.size[0] / drawn["size"][0], img.size[1] / drawn["size"][1]  # draft's scale
-        tensor = tvf.pil_to_tensor(img)  # 3 x H x W, uint8
+        sx, sy = width / drawn["size"][0], height / drawn["size"][1]  # the draft's scale
         crop = tvf.resized_crop(tensor, round(top * sy), round(left * sx), max(1, round(h * sy)),
                                 max(1, round(w * sx)), [size, size], antialias=True)
         if torch.rand(1, generator=generator).item() < self.augment.hflip:
