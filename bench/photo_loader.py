@@ -124,7 +124,7 @@ def alternate(pairs: dict[str, tuple[Iterable[object], Iterable[object]]], round
             for name, v in rates.items()}
 
 
-def run(drawn: int = 400, variants: int = 4, images: int = 640, rounds: int = 3) -> dict[str, float]:
+def run(drawn: int = 400, variants: int = 4, images: int = 640, rounds: int = 5) -> dict[str, float]:
     """Make the folder, prepare it (the prepared copy included), time the loaders."""
     torch.set_num_threads(1)  # the workers are the cores; the main process only gathers
     tmp = Path(tempfile.mkdtemp(prefix="vp-photo-bench-"))

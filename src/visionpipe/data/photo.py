@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from visionpipe.config import PhotoAugmentConfig
 from visionpipe.data.images import normalize
@@ -71,8 +71,10 @@ class SeededIndices(Sampler[tuple[int, int]]):
 
 
 def _stack(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.stack([image for image, _ in samples]),  # N x 3 x S x S, uint8
-            torch.as_tensor([label for _, label in samples], dtype=torch.int64))
+    # default_collate stacks a worker's batch straight into shared memory: a plain stack would
+    # be copied there once more to cross to the main process (10 MB per batch at 224 px).
+    images = default_collate([image for image, _ in samples])  # N x 3 x S x S, uint8
+    return images, torch.as_tensor([label for _, label in samples], dtype=torch.int64)
 
 
 class PhotoTrainLoader:
