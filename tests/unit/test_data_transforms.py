@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as tvf
 
-from visionpipe.config import DataConfig, PhotoAugmentConfig
+from visionpipe.config import DataConfig, FastPathConfig, FinetuneConfig, Phase, PhotoAugmentConfig
 from visionpipe.data.errors import DatasetError
 from visionpipe.data.images import open_image, preprocess_image, short_side_size
 from visionpipe.data.loading import load_split, split_rows
@@ -23,8 +23,9 @@ from visionpipe.data.prepare import PreparedDataset, prepare_dataset
 from visionpipe.data.prepared import copy_path, ensure_prepared_copy, verify_copy
 from visionpipe.data.synthetic import CLASS_NAMES, make_photo_folder
 from visionpipe.data.transforms import BatchMix, choose_recipe, training_is_deterministic
-from visionpipe.models import ModelSpec, build_model
+from visionpipe.models import ModelSpec, build_model, build_resnet
 from visionpipe.serving import ImageClassifier
+from visionpipe.training.finetune import finetune
 from visionpipe.training.loop import train_one_epoch
 
 CPU = torch.device("cpu")
@@ -190,3 +191,18 @@ def test_frozen_features_are_cached_only_for_a_deterministic_training_transform(
     assert training_is_deterministic("small", augment=False)
     assert not training_is_deterministic("small", augment=True)
     assert not training_is_deterministic("photo", augment=False)  # random crops every epoch
+
+
+def test_a_photo_fine_tune_trains_on_mixed_crops_and_records_the_recipe(
+        photos: PreparedDataset, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    torch.save(build_resnet("resnet18", 1000).state_dict(), tmp_path / "w.pth")
+    cfg = FinetuneConfig(
+        arch="resnet18", batch_size=8, fast=FastPathConfig(num_workers=0),
+        photo=PhotoAugmentConfig(mixup_alpha=0.2, cutmix_alpha=1.0),
+        phases=[Phase(name="head", trainable=["fc"], epochs=1, lr=0.01),
+                Phase(name="full", trainable=["*"], epochs=1, lr=0.01)])
+    result = finetune(cfg, photos, tmp_path / "w.pth", tmp_path / "out")
+    assert result.epochs_run == 2
+    assert (result.spec.recipe, result.spec.resize_size) == ("photo", photos.resize_size)
+    assert all(0 <= r["train_top1"] <= 1 and r["train_loss"] > 0 for r in result.history)
