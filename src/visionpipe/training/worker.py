@@ -259,9 +259,9 @@ def _batches(dataset: PreparedDataset, cfg: GoogLeNetConfig, ctx: DistContext,
                "decode_on_device": fast.decode_on_device and dataset.recipe == "small"}
     per_rank = len(sampler) if sampler is not None else count
     train = build_stream(dataset, "train", cfg.batch_size, shuffle=True, augment=cfg.augment,
-                            seed=cfg.seed, sampler=sampler, flip=False, photo=cfg.photo,
-                            drop_last=drops_lone_last(per_rank, cfg.batch_size),
-                            **options)  # type: ignore[arg-type]
+                         seed=cfg.seed, sampler=sampler, flip=False, photo=cfg.photo,
+                         drop_last=drops_lone_last(per_rank, cfg.batch_size),
+                         **options)  # type: ignore[arg-type]
     val_share = range(ctx.rank, dataset.split_counts["val"], ctx.world_size)
     val = StreamingLoader(dataset, "val", cfg.batch_size * 2, shuffle=False, augment=False, seed=0,
                           sampler=val_share, **options)  # type: ignore[arg-type]
