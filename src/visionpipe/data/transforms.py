@@ -119,8 +119,10 @@ class PhotoTrainTransform:
             needed(width, height)
         top, left, h, w = drawn["box"]
         sx, sy = width / drawn["size"][0], height / drawn["size"][1]  # the draft's scale
-        crop = tvf.resized_crop(tensor, round(top * sy), round(left * sx), max(1, round(h * sy)),
-                                max(1, round(w * sx)), [size, size], antialias=True)
+        top, left = min(round(top * sy), height - 1), min(round(left * sx), width - 1)
+        # Clamped: a box rounded past the edge would be padded with black.
+        h, w = max(1, min(round(h * sy), height - top)), max(1, min(round(w * sx), width - left))
+        crop = tvf.resized_crop(tensor, top, left, h, w, [size, size], antialias=True)
         if torch.rand(1, generator=generator).item() < self.augment.hflip:
             crop = crop.flip(-1)
         return self._extra(crop, generator).contiguous()
