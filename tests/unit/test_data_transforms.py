@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import functional as tvf
 
 from visionpipe.config import DataConfig, FastPathConfig, FinetuneConfig, Phase, PhotoAugmentConfig
 from visionpipe.data.errors import DatasetError
-from visionpipe.data.images import open_image, preprocess_image, short_side_size
+from visionpipe.data.images import decode_image, open_image, preprocess_image, short_side_size
 from visionpipe.data.loading import load_split, split_rows
 from visionpipe.data.photo import PhotoTrainLoader
 from visionpipe.data.prepare import PreparedDataset, prepare_dataset
@@ -206,3 +206,12 @@ def test_a_photo_fine_tune_trains_on_mixed_crops_and_records_the_recipe(
     assert result.epochs_run == 2
     assert (result.spec.recipe, result.spec.resize_size) == ("photo", photos.resize_size)
     assert all(0 <= r["train_top1"] <= 1 and r["train_loss"] > 0 for r in result.history)
+
+
+def test_the_fast_jpeg_decoder_gives_pillows_pixels(photos: PreparedDataset) -> None:
+    plain = [p for p in sorted(Path(photos.root).rglob("*.jpg"))
+             if Image.open(p).mode == "RGB" and 0x0112 not in Image.open(p).getexif()][:4]
+    assert plain
+    for path in plain:  # decode_jpeg's path (no draft asked), against Pillow's
+        data = path.read_bytes()
+        assert torch.equal(decode_image(data), tvf.pil_to_tensor(open_image(data))), path
