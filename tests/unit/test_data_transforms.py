@@ -215,3 +215,21 @@ def test_the_fast_jpeg_decoder_gives_pillows_pixels(photos: PreparedDataset) -> 
     for path in plain:  # decode_jpeg's path (no draft asked), against Pillow's
         data = path.read_bytes()
         assert torch.equal(decode_image(data), tvf.pil_to_tensor(open_image(data))), path
+
+
+def test_the_googlenet_worker_trains_on_photo_crops(photos: PreparedDataset, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from visionpipe.config import GoogLeNetConfig
+    from visionpipe.training.checkpoint import load_checkpoint
+    from visionpipe.training.worker import WorkerJob, main
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = GoogLeNetConfig(epochs=1, batch_size=8, fast=FastPathConfig(num_workers=0),
+                          photo=PhotoAugmentConfig(cutmix_alpha=1.0))
+    job = WorkerJob(config=cfg, dataset=photos, out_dir=str(tmp_path),
+                    result_path=str(tmp_path / "result.json"))
+    (tmp_path / "job.json").write_text(job.model_dump_json())
+    assert main([str(tmp_path / "job.json")]) == 0
+    spec = ModelSpec.model_validate_json(load_checkpoint(tmp_path / "last.pt")["spec"])
+    assert (spec.recipe, spec.resize_size) == ("photo", photos.resize_size)
