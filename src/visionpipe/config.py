@@ -44,6 +44,26 @@ class DataConfig(_Config):
     max_per_class: int | None = Field(
         None, ge=3, description="Keep at most this many images per class (quick runs, tests)."
     )
+    recipe: Literal["auto", "small", "photo"] = Field(
+        "auto", description="'small': images stretched to image_size squares, pad-4 crops and "
+        "flips (digits, CIFAR); 'photo': ImageNet's RandomResizedCrop for training, short side "
+        "resized to resize_size and a center crop for evaluation and serving; 'auto': photo when "
+        "the median short side of the images is at least 2 x image_size.")
+    resize_size: int | None = Field(
+        None, ge=8, le=4096, description="Photo recipe: the short side evaluation and serving "
+        "resize to before the center crop. Empty: round(image_size / 0.875), 256 for 224.")
+    prepared_copy: bool | None = Field(
+        None, description="Photo recipe: keep the training images resized once (short side "
+        "prepared_short_side, JPEG quality 90) in one memory-mapped file per dataset version, "
+        "read by every epoch and run. Empty: when the originals hold at least twice its pixels.")
+    prepared_short_side: int | None = Field(
+        None, ge=8, le=4096, description="Short side of the prepared copy's images (a cap: "
+        "smaller originals keep their size). Empty: resize_size.")
+
+    @property
+    def eval_resize_size(self) -> int:
+        """The photo recipe's evaluation short side: ``resize_size``, or image_size / 0.875."""
+        return self.resize_size or round(self.image_size / 0.875)
 
     @property
     def dataset_name(self) -> str:
@@ -94,6 +114,27 @@ def weights_arch_mismatch(uri: str, arch: str) -> str | None:
         return None
     return (f"weights {uri!r} are for {weights_arch} but finetune.arch is {arch!r}. Fix: use "
             f"torchvision:{arch}.<WEIGHTS> or set finetune.arch to {weights_arch!r}.")
+
+
+class PhotoAugmentConfig(_Config):
+    """Training augmentation of the photo recipe: torchvision's references/classification options."""
+
+    scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="RandomResizedCrop: the crop's share of the image's area.")
+    ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="RandomResizedCrop: the crop's aspect ratio range.")
+    hflip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip.")
+    trivial_augment: bool = Field(False, description="TrivialAugmentWide on each image.")
+    random_erasing: float = Field(0.0, ge=0, le=1, description="Probability of RandomErasing.")
+    mixup_alpha: float = Field(0.0, ge=0, description="MixUp's Beta(alpha, alpha); 0 is off.")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix's Beta(alpha, alpha); 0 is off.")
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"expected 0 < low <= high, got {value}; e.g. (0.08, 1.0)")
+        return value
 
 
 class Phase(_Config):
@@ -189,6 +230,7 @@ class FinetuneConfig(_Config):
         default_factory=lambda: OptimConfig(optimizer="adamw", weight_decay=0.01)
     )
     augment: bool = Field(False, description="Random crops of training images.")
+    photo: PhotoAugmentConfig = Field(default_factory=PhotoAugmentConfig, description="Photo recipe's training augmentation.")
     cache_frozen_features: bool = Field(
         True, description="In a head-only phase without augmentation, compute the frozen "
         "backbone's features once instead of every epoch (same head, a fraction of the time).",
@@ -306,6 +348,7 @@ class GoogLeNetConfig(_Config):
     )
     sync_batchnorm: bool = False
     augment: bool = False
+    photo: PhotoAugmentConfig = Field(default_factory=PhotoAugmentConfig, description="Photo recipe's training augmentation.")
     seed: int = 0
     fast: FastPathConfig = Field(default_factory=FastPathConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)

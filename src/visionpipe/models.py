@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import torch
 import torchvision
@@ -25,6 +26,10 @@ class ModelSpec(BaseModel):
     class_names: list[str]
     image_size: int
     small_input_stem: bool = False
+    # How serving preprocesses (``data.images.preprocess_image``); specs saved before recipes
+    # existed were the small recipe's.
+    recipe: Literal["small", "photo"] = "small"
+    resize_size: int | None = None
 
 
 def head_modules(arch: str) -> tuple[str, ...]:

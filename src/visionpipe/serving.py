@@ -15,7 +15,7 @@ import mlflow.pyfunc
 import pandas as pd
 import torch
 
-from visionpipe.data.images import normalize, open_image, to_uint8_tensor
+from visionpipe.data.images import normalize, preprocess_image
 from visionpipe.models import ModelSpec, build_model
 
 OUTPUT_COLUMNS = ("label", "class_name", "probability")
@@ -57,9 +57,14 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
             return pd.DataFrame({c: [] for c in OUTPUT_COLUMNS})
         return pd.concat(frames, ignore_index=True)
 
+    def preprocess(self, data: bytes) -> torch.Tensor:
+        """One image's bytes as the uint8 tensor evaluation scored: the same function."""
+        spec = self.spec
+        return preprocess_image(data, spec.recipe, spec.image_size, spec.resize_size)
+
     @torch.inference_mode()
     def _predict_batch(self, images: list[bytes]) -> pd.DataFrame:
-        batch = torch.stack([to_uint8_tensor(open_image(b), self.spec.image_size) for b in images])
+        batch = torch.stack([self.preprocess(b) for b in images])  # N x 3 x S x S, uint8
         pixels = normalize(batch).contiguous(memory_format=torch.channels_last)
         probs = torch.softmax(self.model(pixels).float(), dim=1)  # N x classes
         confidence, label = probs.max(dim=1)

@@ -116,6 +116,7 @@ def test_serving_path_imports_only_torch_torchvision_pil_numpy() -> None:
     # The pyfunc model imports visionpipe.data.images: the package __init__ and the module
     # must not drag in boto3, pandas or scikit-learn (checked statically: a subprocess that
     # imports torch costs seconds).
-    allowed = {"__future__", "functools", "io", "os", "typing", "importlib", "numpy", "torch", "torchvision", "PIL"}
+    allowed = {"__future__", "collections", "functools", "io", "math", "os", "typing", "importlib",
+               "numpy", "torch", "torchvision", "PIL"}
     assert _top_level_imports(images_module.__file__) <= allowed
     assert _top_level_imports(data_package.__file__) <= allowed

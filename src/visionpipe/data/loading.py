@@ -17,7 +17,7 @@ import torchvision
 from torch.utils.data import Dataset, Sampler
 
 from visionpipe.errors import DatasetError
-from visionpipe.data.images import normalize, open_image, to_uint8_tensor
+from visionpipe.data.images import normalize, preprocess_image
 from visionpipe.data.manifest import SPLITS, read_manifest
 from visionpipe.data.paths import confined_path
 from visionpipe.data.prepare import PreparedDataset
@@ -55,9 +55,11 @@ def read_image_file(root: Path, relpath: str, sha256: str | None = None) -> byte
     return data
 
 
-def load_image(root: Path, relpath: str, image_size: int, sha256: str | None = None) -> torch.Tensor:
-    """One manifest image as a uint8 ``3 x S x S`` tensor (its bytes checked if ``sha256``)."""
-    return to_uint8_tensor(open_image(read_image_file(root, relpath, sha256)), image_size)
+def load_image(root: Path, relpath: str, image_size: int, sha256: str | None = None,
+               recipe: str = "small", resize_size: int | None = None) -> torch.Tensor:
+    """One manifest image as a uint8 ``3 x S x S`` tensor (its bytes checked if ``sha256``),
+    preprocessed for evaluation as the recipe says (``images.preprocess_image``)."""
+    return preprocess_image(read_image_file(root, relpath, sha256), recipe, image_size, resize_size)
 
 
 def load_split(prepared: PreparedDataset, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,16 +81,18 @@ def load_split(prepared: PreparedDataset, split: str) -> tuple[torch.Tensor, tor
 
 def decoded_split_path(prepared: PreparedDataset, split: str) -> Path:
     """Where the decoded tensors of one split are kept: keyed on the dataset version (a hash of
-    every file's content), the image size and the way images are decoded."""
+    every file's content), the recipe and its sizes, and the way images are decoded."""
     name = f"{split}-{prepared.image_size}px-v{DECODE_VERSION}.pt"
+    if prepared.recipe == "photo":  # the small recipe's names stay what they were
+        name = f"{split}-photo-{prepared.resize_size}to{prepared.image_size}px-v{DECODE_VERSION}.pt"
     return Path(prepared.manifest_path).parent / "decoded" / name
 
 
 def _decode(prepared: PreparedDataset, rows: pd.DataFrame) -> torch.Tensor:
-    root, size = Path(prepared.root), prepared.image_size
+    root, (recipe, size, resize) = Path(prepared.root), prepared.eval_sizes
     # Decoding releases the GIL for most of its work, so threads speed it up.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(lambda rel, digest: load_image(root, rel, size, digest),
+        images = list(pool.map(lambda rel, digest: load_image(root, rel, size, digest, recipe, resize),
                                rows["path"], rows["sha256"]))
     return torch.stack(images) if images else torch.empty((0, 3, size, size), dtype=torch.uint8)
 
@@ -131,25 +135,28 @@ def _write_decoded(path: Path, images: torch.Tensor, labels: torch.Tensor) -> No
 class ManifestImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """Lazily decoded images of one split, for datasets too large to hold in memory."""
 
-    def __init__(self, root: str | Path, rows: pd.DataFrame, image_size: int) -> None:
+    def __init__(self, root: str | Path, rows: pd.DataFrame, image_size: int,
+                 recipe: str = "small", resize_size: int | None = None) -> None:
         self.root = Path(root)
         self.paths: list[str] = rows["path"].astype(str).tolist()
         for relpath in self.paths:
             confined_path(self.root, relpath)  # refuse a tampered manifest before training starts
         self.digests: list[str] = rows["sha256"].astype(str).tolist()
         self.labels: list[int] = rows["label"].astype(int).tolist()
-        self.image_size = image_size
+        self.image_size, self.recipe, self.resize_size = image_size, recipe, resize_size
 
     @classmethod
     def from_prepared(cls, prepared: PreparedDataset, split: str) -> ManifestImageDataset:
         """The dataset of one split of a prepared dataset."""
-        return cls(prepared.root, split_rows(prepared, split), prepared.image_size)
+        recipe, size, resize = prepared.eval_sizes
+        return cls(prepared.root, split_rows(prepared, split), size, recipe, resize)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.root, self.paths[index], self.image_size, self.digests[index])
+        image = load_image(self.root, self.paths[index], self.image_size, self.digests[index],
+                           self.recipe, self.resize_size)
         return image, self.labels[index]
 
 

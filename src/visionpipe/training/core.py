@@ -19,9 +19,10 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from visionpipe import tracking
-from visionpipe.config import FastPathConfig, FinetuneConfig, GoogLeNetConfig
+from visionpipe.config import FastPathConfig, FinetuneConfig, GoogLeNetConfig, PhotoAugmentConfig
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.data.loading import drops_lone_last
+from visionpipe.data.photo import PhotoTrainLoader, build_stream
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
 from visionpipe.models import ModelSpec
 from visionpipe.training.checkpoint import rotate_and_save
@@ -167,8 +168,9 @@ class TrainingData:
     fast: FastPathConfig
     device: torch.device  # where the batches are delivered
     decode_on_device: bool = False
+    photo: PhotoAugmentConfig = field(default_factory=PhotoAugmentConfig)  # the photo recipe's crops
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    streams: dict[tuple[Any, ...], StreamingLoader] = field(default_factory=dict)
+    streams: dict[tuple[Any, ...], StreamingLoader | PhotoTrainLoader] = field(default_factory=dict)
 
     @property
     def streaming(self) -> bool:
@@ -195,10 +197,11 @@ class TrainingData:
         key = (split, batch_size, shuffle, augment, drop, flip, shard)
         assert self.dataset is not None
         if key not in self.streams:  # one loader per kind: its workers persist across epochs
-            self.streams[key] = StreamingLoader(
+            self.streams[key] = build_stream(
                 self.dataset, split, batch_size, shuffle=shuffle, augment=augment, seed=0,
-                device=self.device, sampler=sampler, num_workers=self.fast.num_workers,
-                decode_on_device=self.decode_on_device, flip=flip, drop_last=drop)
+                device=self.device, photo=self.photo, sampler=sampler,
+                num_workers=self.fast.num_workers, decode_on_device=self.decode_on_device,
+                flip=flip, drop_last=drop)
         stream = self.streams[key]
         stream.set_epoch(epoch, seed=seed)  # seeded like the in-memory loader: the same batches
         return stream
@@ -217,13 +220,18 @@ class TrainingData:
 
 
 def load_training_data(dataset: PreparedDataset, fast: FastPathConfig, device: torch.device,
-                       fast_path: FastPath) -> TrainingData:
+                       fast_path: FastPath, photo: PhotoAugmentConfig | None = None) -> TrainingData:
     """Train and val splits as uint8 tensors (on the GPU for small datasets, with the fast
-    path), or streamed batch by batch when the training split is too large to hold in memory."""
-    if wants_streaming(fast, decoded_bytes(dataset, "train")):
-        log.info("streaming %s from disk: %d training images", dataset.name,
-                 dataset.split_counts["train"])
-        return TrainingData(dataset, fast, device, fast_path.decode_on_device)
+    path), or streamed batch by batch when the training split is too large to hold in memory.
+
+    The photo recipe always streams: its workers draw new crops of the originals (or of the
+    prepared copy) every epoch.
+    """
+    if dataset.recipe == "photo" or wants_streaming(fast, decoded_bytes(dataset, "train")):
+        log.info("streaming %s from disk: %d training images (%s recipe)", dataset.name,
+                 dataset.split_counts["train"], dataset.recipe)
+        return TrainingData(dataset, fast, device, fast_path.decode_on_device,
+                            photo or PhotoAugmentConfig())
     where = device if fast_path.data_on_device else torch.device("cpu")
     splits = {split: load_split(dataset, split) for split in ("train", "val")}
     return TrainingData(dataset, fast, where,

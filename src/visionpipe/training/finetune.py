@@ -15,6 +15,7 @@ from torch import nn
 from visionpipe.config import FinetuneConfig, Phase
 from visionpipe.data import PreparedDataset
 from visionpipe.data.loading import training_batches
+from visionpipe.data.transforms import training_is_deterministic
 from visionpipe.models import (
     ModelSpec,
     build_resnet,
@@ -93,14 +94,15 @@ def finetune(
     planned = dataset.split_counts["train"] * sum(phase.epochs for phase in cfg.phases)
     fast_path = resolve_fast_path(cfg.fast, device.type, planned_images=planned,
                                   grad_accumulation=cfg.grad_accumulation)
-    data = load_training_data(dataset, cfg.fast, device, fast_path)
+    data = load_training_data(dataset, cfg.fast, device, fast_path, cfg.photo)
     check_batch_size(cfg.batch_size, data.count("train"))
     model = build_resnet(cfg.arch, dataset.num_classes)
     state = load_state_dict_file(weights_path, weights_sha256)
     check_state_dict_keys(model, state, ignore_prefixes=[f"{h}." for h in head_modules(cfg.arch)])
     load_backbone(model, state, cfg.arch)
     spec = ModelSpec(arch=cfg.arch, num_classes=dataset.num_classes,
-                     class_names=dataset.class_names, image_size=dataset.image_size)
+                     class_names=dataset.class_names, image_size=dataset.image_size,
+                     recipe=dataset.recipe, resize_size=dataset.resize_size)
     run = _FinetuneRun(model, cfg, data, device, spec, out_dir, Progress(),
                        epoch_callbacks(mlflow_run_id, on_epoch), fast_path)
     resume = _resume(run)
@@ -216,7 +218,9 @@ def _phase_batches(model: nn.Module, cfg: FinetuneConfig, data: TrainingData,
     backbone_frozen = all(
         is_frozen_module(m) for n, m in model.named_children() if n not in heads and list(m.parameters())
     )
-    if backbone_frozen and cfg.cache_frozen_features and not cfg.augment and heads == ("fc",):
+    recipe = data.dataset.recipe if data.dataset is not None else "small"
+    deterministic = training_is_deterministic(recipe, cfg.augment)
+    if backbone_frozen and cfg.cache_frozen_features and deterministic and heads == ("fc",):
         return _feature_batches(model, cfg, data, device)
 
     def train(epoch: int) -> Batches:

@@ -130,7 +130,9 @@ def train_one_epoch(
                 scheduler.step()
         # Weighted by the batch's own size, so a short last batch counts for what it is.
         loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(1) == labels).sum()
+        # MixUp / CutMix give soft labels (N x classes): the right answer is their argmax.
+        hard = labels.argmax(1) if labels.dim() > 1 else labels
+        correct += (logits.detach().argmax(1) == hard).sum()
         stats.count += n
         stats.steps += 1
         if boundary and should_stop is not None and should_stop():

@@ -169,8 +169,8 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     fast_path = resolve_fast_path(cfg.fast, ctx.device.type, distributed=ctx.distributed,
                                   grad_accumulation=cfg.grad_accumulation)
     check_batch_size(cfg.batch_size, dataset.split_counts["train"] // ctx.world_size)
-    epoch_batches, val_batches = rank_batches(load_training_data(dataset, cfg.fast, ctx.device,
-                                                                 fast_path), cfg, ctx)
+    data = load_training_data(dataset, cfg.fast, ctx.device, fast_path, cfg.photo)
+    epoch_batches, val_batches = rank_batches(data, cfg, ctx)
     batches = len(epoch_batches(1))  # type: ignore[arg-type]
     trainer = _build_trainer(job, ctx, -(-batches // cfg.grad_accumulation), fast_path)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -227,7 +227,8 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int,
     cfg, dataset = job.config, job.dataset
     model = build_googlenet(dataset.num_classes, cfg.small_input_stem)
     spec = ModelSpec(arch="googlenet", num_classes=dataset.num_classes, class_names=dataset.class_names,
-                     image_size=dataset.image_size, small_input_stem=cfg.small_input_stem)
+                     image_size=dataset.image_size, small_input_stem=cfg.small_input_stem,
+                     recipe=dataset.recipe, resize_size=dataset.resize_size)
     saved = latest_checkpoint(Path(job.out_dir))  # every rank reads rank 0's files
     _check_same_checkpoint(saved, ctx)  # on every rank, with a checkpoint or without
     progress = Progress()
