@@ -117,6 +117,7 @@ def test_the_worker_runs_as_one_plain_process_without_torchrun_and_learns(
 ) -> None:
     from visionpipe.config import GoogLeNetConfig
     from visionpipe.training.jobs import WorkerJob
+    from visionpipe.training.result import TrainResult
     from visionpipe.training.worker import main
 
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
@@ -414,6 +415,7 @@ def test_a_schedule_resumed_in_another_world_size_goes_on_where_its_epochs_left_
     from visionpipe.training.checkpoint import save_checkpoint
     from visionpipe.training.distributed import DistContext
     from visionpipe.training.jobs import WorkerJob
+    from visionpipe.training.result import TrainResult
     from visionpipe.training.worker import _build_trainer, _save_checkpoint
 
     cfg = GoogLeNetConfig(epochs=4, batch_size=16, warmup_epochs=0)
