@@ -239,7 +239,15 @@ class FinetuneConfig(_Config):
         1, ge=1, description="Batches per optimizer step (set to 2 after an out-of-memory retry)."
     )
     early_stopping_patience: int = Field(
-        3, ge=1, description="Stop a phase after this many epochs without a better val score."
+        3, ge=1, description="Stop a phase after this many epochs without a better val score, "
+        "counted in the second half of the phase only: in the first, its rate is high and "
+        "from scratch its val score is still noise."
+    )
+    scratch_min_steps: int = Field(
+        150, ge=0, description="From random init (no weights reachable), a phase that trains "
+        "everything runs at least this many optimizer steps, its epochs raised up to 5x: a "
+        "random backbone needs hundreds of steps where a pretrained one adapts in tens, and a "
+        "small folder's epoch is a handful (390 photos at batch 64: 7). 0: the phase's epochs.",
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -337,8 +345,14 @@ class GoogLeNetConfig(_Config):
     epochs: int = Field(5, gt=0)
     batch_size: int = Field(32, gt=0, description="Per process.")
     grad_accumulation: int = Field(1, ge=1, description="Batches per optimizer step.")
-    lr: float = Field(0.05, gt=0)
-    warmup_epochs: float = Field(1.0, ge=0)
+    lr: float | None = Field(
+        None, gt=0, description="Peak SGD rate. Empty: the linear scaling rule, 0.1 x global batch "
+        "(batch_size x processes x grad_accumulation) / 256: 0.0125 for one process of 32, 0.025 "
+        "for the quickstart's two. A fixed 0.05 was 4x that at one process of 32 and made the "
+        "training loss rise after warm-up on photo-like images (docs/photo-accuracy.md).")
+    warmup_epochs: float = Field(
+        1.0, ge=0, description="Linear warm-up, in epochs; at least min(50 steps, a tenth of "
+        "the run), as an epoch of a small dataset is a handful of steps.")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(label_smoothing=0.1))
     aux_weight: float = Field(0.3, ge=0, description="Weight of each auxiliary loss in training.")
     small_input_stem: bool = Field(

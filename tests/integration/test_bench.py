@@ -28,6 +28,14 @@ def test_trainer_benchmark_smoke_reports_every_ratio() -> None:
     assert all(v > 0 for v in figures.values())
 
 
+def test_photo_accuracy_benchmark_smoke_reports_every_figure() -> None:
+    figures = _last_json([sys.executable, "bench/photo_accuracy.py", "--smoke"])
+    for name in ("plain", "finetune", "googlenet"):
+        assert 0 <= figures[f"photo_top1_{name}"] <= 1 and figures[f"photo_{name}_seconds"] > 0
+    ours = min(figures["photo_top1_finetune"], figures["photo_top1_googlenet"])
+    assert figures["photo_accuracy_vs_plain"] == ours / max(figures["photo_top1_plain"], 1e-9)
+
+
 def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     figures = _last_json(["bash", "bench/gpu.sh", "--smoke", "--out", str(out)])

@@ -17,7 +17,7 @@ from visionpipe.training.checkpoint import CheckpointError, load_checkpoint, sav
 from visionpipe.training.core import check_batch_size
 from visionpipe.training.fastpath import resolve_fast_path
 from visionpipe.training.finetune import finetune
-from visionpipe.training.loop import warmup_cosine
+from visionpipe.training.loop import warmup_cosine, warmup_steps
 
 
 def test_warmup_then_cosine_to_zero() -> None:
@@ -31,6 +31,27 @@ def test_warmup_then_cosine_to_zero() -> None:
     assert rates[0] == pytest.approx(0.01)
     assert rates[:6] == sorted(rates[:6]) and rates[5] == pytest.approx(1.0)
     assert rates[5:] == sorted(rates[5:], reverse=True) and rates[-1] < 0.02
+
+
+def test_warmup_lasts_at_least_its_minimum_of_steps_but_at_most_a_tenth_of_the_run() -> None:
+    # A small dataset: 12 steps per epoch, 20 epochs. One epoch of warm-up alone would be 12.
+    assert warmup_steps(1.0, steps_per_epoch=12, total_steps=240, min_steps=50) == 24
+    assert warmup_steps(1.0, steps_per_epoch=12, total_steps=1200, min_steps=50) == 50
+    assert warmup_steps(5.0, steps_per_epoch=100, total_steps=9000, min_steps=50) == 500
+    assert warmup_steps(0.0, steps_per_epoch=12, total_steps=240, min_steps=50) == 0
+
+
+def test_the_googlenet_rate_follows_the_global_batch_unless_set() -> None:
+    from visionpipe.config import GoogLeNetConfig
+    from visionpipe.training.distributed import DistContext
+    from visionpipe.training.worker import peak_lr
+
+    alone = DistContext(0, 0, 1, torch.device("cpu"), True)
+    pair = DistContext(0, 0, 2, torch.device("cpu"), True)
+    assert peak_lr(GoogLeNetConfig(batch_size=32), alone) == pytest.approx(0.0125)
+    assert peak_lr(GoogLeNetConfig(batch_size=32), pair) == pytest.approx(0.025)
+    assert peak_lr(GoogLeNetConfig(batch_size=32, grad_accumulation=4), pair) == pytest.approx(0.1)
+    assert peak_lr(GoogLeNetConfig(batch_size=32, lr=0.05), pair) == 0.05
 
 
 def test_checkpoint_round_trip_and_damage_is_detected(tmp_path: Path) -> None:
@@ -416,7 +437,7 @@ def test_a_schedule_resumed_in_another_world_size_goes_on_where_its_epochs_left_
     from visionpipe.training.distributed import DistContext
     from visionpipe.training.jobs import WorkerJob
     from visionpipe.training.result import TrainResult
-    from visionpipe.training.worker import _build_trainer, _save_checkpoint
+    from visionpipe.training.worker import _build_trainer, _save_checkpoint, peak_lr
 
     cfg = GoogLeNetConfig(epochs=4, batch_size=16, warmup_epochs=0)
     job = WorkerJob(config=cfg, dataset=tiny_digits, out_dir=str(tmp_path),
@@ -436,8 +457,9 @@ def test_a_schedule_resumed_in_another_world_size_goes_on_where_its_epochs_left_
     # Alone, an epoch has twice the steps: half the run is 2 x 6 steps, half-way down the cosine.
     resumed = _build_trainer(job, alone, 6, fast)
     assert resumed.scheduler.last_epoch == 12
-    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.5)
-    assert resumed.scheduler.get_last_lr() == [pytest.approx(cfg.lr * 0.5)]
+    peak = peak_lr(cfg, alone)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(peak * 0.5)
+    assert resumed.scheduler.get_last_lr() == [pytest.approx(peak * 0.5)]
 
 
 @pytest.mark.parametrize("count", [100, 70])  # last groups: (32, 4) and (6)

@@ -46,8 +46,10 @@ from visionpipe.training.loop import (
     evaluate,
     maybe_compile,
     pick_device,
+    scratch_epochs,
     train_one_epoch,
     warmup_cosine,
+    warmup_steps,
 )
 from visionpipe.training.result import TrainResult
 from visionpipe.weights import check_state_dict_keys, load_state_dict_file
@@ -119,6 +121,8 @@ def finetune(
             log.warning("phase %s: random backbone trains at the full rate, not %.2f of it",
                         phase.name, phase.backbone_lr_fraction)
             phase = phase.model_copy(update={"backbone_lr_fraction": 1.0})
+        if random_init:
+            phase = _scratch_length(phase, cfg, data.count("train"))
         same_phase = resume is not None and index == resume["phase_index"]
         _run_phase(run, index, phase, resume if same_phase else None)
     return _result(run)
@@ -151,6 +155,16 @@ def _resume(run: _FinetuneRun) -> dict[str, Any] | None:
     return saved
 
 
+def _scratch_length(phase: Phase, cfg: FinetuneConfig, train_count: int) -> Phase:
+    """``phase`` with its epochs raised to ``cfg.scratch_min_steps`` steps (a random backbone)."""
+    steps = math.ceil(training_batches(train_count, cfg.batch_size) / cfg.grad_accumulation)
+    epochs = scratch_epochs(phase.epochs, steps, cfg.scratch_min_steps)
+    if epochs != phase.epochs:
+        log.warning("phase %s: a random backbone trains %d epochs (%d steps each), not %d",
+                    phase.name, epochs, steps, phase.epochs)
+    return phase.model_copy(update={"epochs": epochs})
+
+
 def _freezes_backbone(model: nn.Module, phase: Phase) -> bool:
     set_trainable(model, phase.trainable)
     return not all(p.requires_grad for p in model.parameters())
@@ -165,7 +179,8 @@ def _run_phase(run: _FinetuneRun, index: int, phase: Phase, resume: dict[str, An
         param_groups(model, cfg.arch, phase.lr, phase.backbone_lr_fraction), cfg.optim, run.device
     )
     steps = math.ceil(training_batches(run.data.count("train"), cfg.batch_size) / cfg.grad_accumulation)
-    scheduler = warmup_cosine(optimizer, phase.epochs * steps, int(phase.warmup_epochs * steps))
+    total = phase.epochs * steps
+    scheduler = warmup_cosine(optimizer, total, warmup_steps(phase.warmup_epochs, steps, total))
     first = 1
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -185,7 +200,8 @@ def _run_phase(run: _FinetuneRun, index: int, phase: Phase, resume: dict[str, An
         record = epoch_record(progress.epoch + 1, train_stats, val_stats, phase=phase.name,
                               phase_epoch=phase_epoch)
         improved = progress.end_epoch(record)
-        stop = progress.since_best >= cfg.early_stopping_patience
+        # Not in the first half of the cosine: its high rate makes val scores noise there.
+        stop = progress.since_best >= cfg.early_stopping_patience and 2 * phase_epoch > phase.epochs
         save_progress(run.out_dir, model=run.model, optimizer=optimizer, scheduler=scheduler,
                       cfg=cfg, spec=run.spec, progress=progress, phase=phase.name,
                       improved=improved, phase_index=index, phase_epoch=phase_epoch,

@@ -269,6 +269,42 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# The global batch at which a base learning rate is quoted (Goyal et al. 2017, "Accurate, large
+# minibatch SGD"): the rate used is ``base x global batch / 256``.
+REFERENCE_BATCH = 256
+SGD_BASE_LR = 0.1  # SGD with momentum from scratch, per 256 images: the ImageNet ResNet recipe
+# The fewest warm-up steps a run that warms up gets (a tenth of a shorter run): a small dataset's
+# epoch is a handful of steps, and "1 epoch" of warm-up then reaches the peak rate at once.
+MIN_WARMUP_STEPS = 50
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """The linear scaling rule: ``base_lr`` is the rate for 256 images per optimizer step."""
+    return base_lr * global_batch / REFERENCE_BATCH
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int,
+                 min_steps: int = MIN_WARMUP_STEPS) -> int:
+    """Warm-up length in optimizer steps: ``warmup_epochs`` worth, but at least ``min_steps``.
+
+    An epoch of a small dataset is a handful of steps, too few to warm up in; ``min_steps`` is
+    itself held to a tenth of the run, so a short run still spends most of it at its rate.
+    ``warmup_epochs=0`` means no warm-up at all.
+    """
+    if warmup_epochs <= 0:
+        return 0
+    floor = min(min_steps, total_steps // 10)
+    return max(int(warmup_epochs * steps_per_epoch), floor)
+
+
+def scratch_epochs(epochs: int, steps_per_epoch: int, min_steps: int, max_factor: int = 5) -> int:
+    """Epochs for a phase trained from random init: enough for ``min_steps`` optimizer steps,
+    at least ``epochs`` and at most ``max_factor`` times them (a tiny split is no reason to
+    train for hundreds of epochs)."""
+    wanted = -(-min_steps // max(steps_per_epoch, 1))
+    return max(epochs, min(wanted, max_factor * epochs))
+
+
 def place_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, steps_done: int) -> None:
     """Put a restored schedule at ``steps_done`` optimizer steps of this run's own count.
 

@@ -55,14 +55,17 @@ from visionpipe.training.distributed import (
 from visionpipe.training.launch import record_failures
 from visionpipe.training.jobs import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, WorkerJob
 from visionpipe.training.loop import (
+    SGD_BASE_LR,
     EpochStats,
     apply_fast_path,
     build_optimizer,
     evaluate,
     maybe_compile,
     place_schedule,
+    scaled_lr,
     train_one_epoch,
     warmup_cosine,
+    warmup_steps,
 )
 from visionpipe.training.result import TrainResult
 from visionpipe.training.shared import SharedStore
@@ -236,10 +239,10 @@ def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int,
         model.load_state_dict(saved["model"])
         progress = _resumed_progress(saved, cfg, ctx)
     ddp_model, model = _wrap(apply_fast_path(model.to(ctx.device), fast_path), cfg, ctx, fast_path)
-    optimizer = build_optimizer([{"params": list(ddp_model.parameters()), "lr": cfg.lr}], cfg.optim,
-                                ctx.device)
-    scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch,
-                              int(cfg.warmup_epochs * steps_per_epoch))
+    optimizer = build_optimizer([{"params": list(ddp_model.parameters()), "lr": peak_lr(cfg, ctx)}],
+                                cfg.optim, ctx.device)
+    total = cfg.epochs * steps_per_epoch
+    scheduler = warmup_cosine(optimizer, total, warmup_steps(cfg.warmup_epochs, steps_per_epoch, total))
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -262,6 +265,13 @@ def _resumed_progress(saved: dict[str, Any], cfg: GoogLeNetConfig, ctx: DistCont
     log.info("resuming from %s: epoch %d done, %d steps into the next", saved["path"],
              saved["epoch"], saved["step"])
     return progress
+
+
+def peak_lr(cfg: GoogLeNetConfig, ctx: DistContext) -> float:
+    """``cfg.lr``, or by the linear scaling rule the rate for this world's global batch."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return scaled_lr(SGD_BASE_LR, cfg.batch_size * ctx.world_size * cfg.grad_accumulation)
 
 
 def _check_same_checkpoint(saved: dict[str, Any] | None, ctx: DistContext) -> None:
