@@ -58,6 +58,7 @@ serve: $(STAMP)
 bench: $(STAMP)
 	mkdir -p $(PREFECT_HOME)
 	$(VENV)/bin/python bench/trainer.py
+	$(VENV)/bin/python bench/photo_loader.py
 	$(VENV)/bin/python bench/photo_accuracy.py
 
 clean:

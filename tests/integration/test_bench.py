@@ -28,6 +28,13 @@ def test_trainer_benchmark_smoke_reports_every_ratio() -> None:
     assert all(v > 0 for v in figures.values())
 
 
+def test_photo_loader_benchmark_smoke_reports_every_ratio() -> None:
+    figures = _last_json([sys.executable, "bench/photo_loader.py", "--smoke"])
+    for key in ("photo_loader_ratio", "photo_first_epoch_ratio", "photo_eval_loader_ratio",
+                "photo_images_per_s_per_core"):
+        assert figures[key] > 0, (key, figures)
+
+
 def test_photo_accuracy_benchmark_smoke_reports_every_figure() -> None:
     figures = _last_json([sys.executable, "bench/photo_accuracy.py", "--smoke"])
     for name in ("plain", "finetune", "googlenet"):
