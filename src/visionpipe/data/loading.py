@@ -132,17 +132,22 @@ def _write_decoded(path: Path, images: torch.Tensor, labels: torch.Tensor) -> No
         log.warning("cannot keep the decoded split at %s (%s); it will be decoded again", path, exc)
 
 
+def manifest_columns(root: Path, rows: pd.DataFrame) -> tuple[Path, list[str], list[str], list[int]]:
+    """``root`` and the rows' paths, digests and labels, every path checked to stay in ``root``
+    (a tampered manifest is refused before training starts)."""
+    paths: list[str] = rows["path"].astype(str).tolist()
+    for relpath in paths:
+        confined_path(root, relpath)
+    return (root, paths, rows["sha256"].astype(str).tolist(),
+            rows["label"].astype(int).tolist())
+
+
 class ManifestImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """Lazily decoded images of one split, for datasets too large to hold in memory."""
 
     def __init__(self, root: str | Path, rows: pd.DataFrame, image_size: int,
                  recipe: str = "small", resize_size: int | None = None) -> None:
-        self.root = Path(root)
-        self.paths: list[str] = rows["path"].astype(str).tolist()
-        for relpath in self.paths:
-            confined_path(self.root, relpath)  # refuse a tampered manifest before training starts
-        self.digests: list[str] = rows["sha256"].astype(str).tolist()
-        self.labels: list[int] = rows["label"].astype(int).tolist()
+        self.root, self.paths, self.digests, self.labels = manifest_columns(Path(root), rows)
         self.image_size, self.recipe, self.resize_size = image_size, recipe, resize_size
 
     @classmethod

@@ -18,8 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from visionpipe.config import PhotoAugmentConfig
 from visionpipe.data.images import normalize
-from visionpipe.data.loading import read_image_file, split_rows
-from visionpipe.data.paths import confined_path
+from visionpipe.data.loading import manifest_columns, read_image_file, split_rows
 from visionpipe.data.prepare import PreparedDataset
 from visionpipe.data.prepared import PreparedImages, ensure_prepared_copy
 from visionpipe.data.streaming import EpochShuffle, StreamingLoader, default_workers
@@ -34,12 +33,8 @@ class PhotoTrainDataset(Dataset[tuple[torch.Tensor, int]]):
     def __init__(self, prepared: PreparedDataset, split: str, transform: PhotoTrainTransform,
                  use_copy: bool = True) -> None:
         rows = split_rows(prepared, split)
-        self.root = Path(prepared.root)
-        self.paths: list[str] = rows["path"].astype(str).tolist()
-        for relpath in self.paths:
-            confined_path(self.root, relpath)  # refuse a tampered manifest before training starts
-        self.digests: list[str] = rows["sha256"].astype(str).tolist()
-        self.labels: list[int] = rows["label"].astype(int).tolist()
+        self.root, self.paths, self.digests, self.labels = manifest_columns(
+            Path(prepared.root), rows)
         self.transform = transform
         self.images: PreparedImages | None = None
         if use_copy and prepared.prepared_short_side is not None and split == "train":

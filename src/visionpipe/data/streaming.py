@@ -37,8 +37,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from visionpipe.data.images import open_image, to_uint8_tensor
-from visionpipe.data.loading import BatchTransform, ManifestImageDataset, read_image_file, split_rows
-from visionpipe.data.paths import confined_path
+from visionpipe.data.loading import (
+    BatchTransform,
+    ManifestImageDataset,
+    manifest_columns,
+    read_image_file,
+    split_rows,
+)
 from visionpipe.data.prepare import PreparedDataset
 
 log = logging.getLogger(__name__)
@@ -152,12 +157,8 @@ class EncodedImageDataset(Dataset[tuple[bytes | torch.Tensor, int]]):
 
     def __init__(self, prepared: PreparedDataset, split: str, device_jpegs: bool = True) -> None:
         rows = split_rows(prepared, split)
-        self.root = Path(prepared.root)
-        self.paths: list[str] = rows["path"].astype(str).tolist()
-        for relpath in self.paths:
-            confined_path(self.root, relpath)  # refuse a tampered manifest before training starts
-        self.digests: list[str] = rows["sha256"].astype(str).tolist()
-        self.labels: list[int] = rows["label"].astype(int).tolist()
+        self.root, self.paths, self.digests, self.labels = manifest_columns(
+            Path(prepared.root), rows)
         self.image_size = prepared.image_size
         self.device_jpegs = device_jpegs
 
