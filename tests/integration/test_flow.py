@@ -266,3 +266,39 @@ def test_an_unreachable_prefect_api_is_named_with_the_fix(tmp_path: Path) -> Non
     assert f"cannot reach the Prefect API at http://127.0.0.1:{port}/api" in out.stderr
     assert "PREFECT_API_URL" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists(), "nothing was started"
+
+
+def test_a_photo_folder_trains_both_candidates_and_the_champion_serves_as_it_was_evaluated(
+        harness: Path, tmp_path: Path) -> None:
+    """Photos of many sizes (JPEG, PNG, grayscale, CMYK, EXIF-rotated, a non-ASCII class):
+    the recipe is photo, both candidates register, and the champion's pyfunc scores the test
+    split's raw bytes with the evaluation's accuracy and unseen photos with the class names."""
+    import mlflow
+    import pandas as pd
+
+    from visionpipe import registry
+    from visionpipe.data import prepare_dataset
+    from visionpipe.data.synthetic import CLASS_NAMES, make_photo_folder
+
+    sizes = ((320, 240), (240, 320))
+    make_photo_folder(tmp_path / "photos", classes=6, per_class=30, sizes=sizes, seed=1)
+    unseen = make_photo_folder(tmp_path / "unseen", classes=6, per_class=3, sizes=sizes,
+                               specials=False, seed=2)
+    config = PipelineConfig.model_validate({
+        **TINY, "data": {"source": str(tmp_path / "photos"), "image_size": 32},
+        "googlenet": {"epochs": 2, "batch_size": 8, "launch": {"nproc_per_node": 2}}})
+    state = train_image_classifiers(config, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    dataset = prepare_dataset(config.data)
+    assert dataset.recipe == "photo" and dataset.version == summary.dataset_version
+    assert "croix-é" in dataset.class_names
+    assert len(tracking.client().search_model_versions("name='photos-classifier'")) == 2
+    model = mlflow.pyfunc.load_model("models:/photos-classifier@champion")
+    images, labels = registry.test_split_images(dataset)
+    predicted = model.predict(pd.DataFrame({"image": images}))["label"].tolist()
+    served_top1 = sum(p == y for p, y in zip(predicted, labels, strict=True)) / len(labels)
+    evaluated_top1 = summary.metrics[summary.decision.candidate]["top1"]
+    assert abs(served_top1 - evaluated_top1) <= 1 / len(labels), (served_top1, evaluated_top1)
+    scored = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in unseen]}))
+    assert len(scored) == len(unseen) and set(scored["class_name"]) <= set(CLASS_NAMES)
