@@ -89,7 +89,7 @@ def test_resume_is_refused_under_another_training_config_with_one_message(tmp_pa
     assert check_resumable(saved, relaunched, ignore={"launch"}) == cfg
     with pytest.raises(ValueError, match=r"last.pt was written with another googlenet config; "
                                          r"use a new flow run, or delete that folder"):
-        check_resumable(saved, cfg.model_copy(update={"lr": cfg.lr * 2}))
+        check_resumable(saved, cfg.model_copy(update={"lr": 0.05}))
     finetune = FinetuneConfig()
     saved["config"] = finetune.model_dump_json()
     with pytest.raises(ValueError, match="another finetune config"):
