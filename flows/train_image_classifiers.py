@@ -13,7 +13,7 @@ from tasks.evaluate import evaluate_candidates
 from tasks.register import register_model
 from tasks.tracking import close_tracking_run, open_tracking_run
 from tasks.timings import record_timings
-from tasks.train import start_googlenet, stopped_on_error, train_candidates
+from tasks.alongside import start_googlenet, stopped_on_error, train_candidates
 from tasks.weights import fetch_pretrained_weights, fetch_pretrained_weights_cached
 from visionpipe import registry, settings, tracking
 from visionpipe.config import PipelineConfig, quickstart

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import Task, task
+from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.concurrency.sync import concurrency
-from prefect.futures import PrefectFuture
 
 from tasks.common import per_flow_run, retry_transient, run_logger
+from tasks.compute import compute_slots, launch_stop
 from tasks.multinode import train_on_nodes
 from visionpipe import settings
 from visionpipe.config import FinetuneConfig, GoogLeNetConfig
 from visionpipe.data import PreparedDataset
 from visionpipe.tracking import TrackingContext
 from visionpipe.training.finetune import finetune
-from visionpipe.training.jobs import has_cuda, launch_on_this_node
+from visionpipe.training.jobs import launch_on_this_node
 from visionpipe.training.oom import with_oom_fallback
 from visionpipe.training.result import Candidate, close_candidate_run, open_candidate_run
 from visionpipe.weights import FetchedWeights
@@ -86,93 +81,6 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
         result = with_oom_fallback(cfg, lambda c: launch_on_this_node(
             c, dataset, out_dir, run_id, context.flow_run_id[:12],
             lambda rank, line: logger.info("[rank %s] %s", "-" if rank is None else rank, line),
-            hold_compute=compute_slots, stop=_STOPS.get(context.flow_run_id), logger=logger),
+            hold_compute=compute_slots, stop=launch_stop(context.flow_run_id), logger=logger),
             logger)
     return close_candidate_run(name, run_id, result, lineage, run_logger())
-
-
-# The stop of the GoogLeNet launch started by each flow run, by flow run id: what the flow sets
-# when a stage it waits for fails while GoogLeNet trains. Not a task parameter: those are hashed
-# into the cache key. Each start of the flow run (a retry too) gets a new, unset one; a task
-# called on its own finds none.
-_STOPS: dict[str, threading.Event] = {}
-
-
-@dataclass(frozen=True)
-class SubmittedTraining:
-    """A training task submitted to run alongside what the flow does next."""
-
-    task_: Task[..., Candidate]
-    args: tuple[Any, ...]
-    future: PrefectFuture[Candidate]
-    stop: threading.Event | None = None
-
-    def candidate(self) -> Candidate:
-        """Its result; trained again here if the cached result's checkpoint is not on this host.
-
-        That happens when a flow run is retried on another worker with ``VISIONPIPE_HOME`` on
-        local disk (``refresh_cache``): evaluation and registration read that file.
-        """
-        candidate: Candidate = self.future.result()
-        if not Path(candidate.result.best_checkpoint).is_file():
-            run_logger().warning("%s: the cached result's checkpoint %s is not on this host; "
-                                 "training it again", candidate.name, candidate.result.best_checkpoint)
-            candidate = self.task_.with_options(refresh_cache=True)(*self.args)
-        return candidate
-
-
-def start_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
-                    context: TrackingContext) -> list[SubmittedTraining]:
-    """train-googlenet submitted now (it needs no pretrained weights); nothing when disabled."""
-    if not cfg.enabled:
-        return []
-    args = (cfg, dataset, context)
-    stop = _STOPS[context.flow_run_id] = threading.Event()
-    return [SubmittedTraining(task_=train_googlenet, args=args,
-                              future=train_googlenet.submit(*args), stop=stop)]
-
-
-@contextmanager
-def stopped_on_error(started: list[SubmittedTraining]) -> Iterator[None]:
-    """Stop the trainings already started if the block fails.
-
-    A weights error should fail the run at once, not once GoogLeNet has trained to the end
-    (Prefect waits for running tasks before it ends a failed flow run).
-    """
-    try:
-        yield
-    except BaseException:
-        for run in started:
-            if run.stop is not None:
-                run.stop.set()
-        raise
-
-
-def train_candidates(cfg: FinetuneConfig, dataset: PreparedDataset, weights: FetchedWeights,
-                     context: TrackingContext, alongside: list[SubmittedTraining]) -> list[Candidate]:
-    """finetune-backbone, next to the trainings already started; the fine-tune's candidate first."""
-    args = (cfg, dataset, weights, context)
-    runs = [SubmittedTraining(task_=finetune_backbone, args=args,
-                              future=finetune_backbone.submit(*args)), *alongside]
-    candidates = [run.candidate() for run in runs]
-    _STOPS.pop(context.flow_run_id, None)
-    return candidates
-
-
-_CPU_TRAINING = threading.Lock()
-
-
-@contextmanager
-def compute_slots(count: int) -> Iterator[None]:
-    """Hold the compute a training needs while it runs.
-
-    On GPUs: ``count`` slots of the Prefect global concurrency limit ``gpu``, when it exists.
-    On the CPU: this process's one training slot, since two trainings on a few cores only make
-    each other's threads wait (OpenMP spins), and together finish later than one after the other.
-    """
-    if has_cuda():
-        with concurrency("gpu", occupy=count, strict=False):
-            yield
-        return
-    with _CPU_TRAINING:
-        yield

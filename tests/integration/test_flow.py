@@ -202,7 +202,7 @@ def test_a_cached_candidate_whose_checkpoint_is_not_on_this_host_is_trained_agai
 
     from prefect import flow
 
-    from tasks.train import train_candidates
+    from tasks.alongside import train_candidates
     from visionpipe.config import WeightsConfig
     from visionpipe.weights import fetch_weights
 

@@ -151,12 +151,12 @@ def test_a_failed_node_run_is_retried_only_when_a_retry_can_help(
 ) -> None:
     from prefect.client.schemas.objects import FlowRun, State
 
-    from tasks.multinode import _failure
+    from tasks.node_runs import node_runs_failure
 
     message = "Flow run encountered an exception: SomeError: node 1 went wrong"
     run = FlowRun(flow_id=uuid.uuid4(), name="scratch-googlenet-x-a1-node1",
                   state=State(type=state["type"], name=state["name"], message=message))
-    error = _failure([run])
+    error = node_runs_failure([run])
     assert error.transient is transient
     assert "node1" in str(error) and message in str(error)
 
@@ -164,12 +164,12 @@ def test_a_failed_node_run_is_retried_only_when_a_retry_can_help(
 def test_one_deterministic_node_makes_the_whole_failure_deterministic() -> None:
     from prefect.client.schemas.objects import FlowRun, State
 
-    from tasks.multinode import _failure
+    from tasks.node_runs import node_runs_failure
 
     runs = [FlowRun(flow_id=uuid.uuid4(), name=f"stage-x-node{i}",
                     state=State(type="FAILED", name=name, message=f"node {i}"))
             for i, name in enumerate(["FailedTransient", "FailedDeterministic"])]
-    error = _failure(runs)
+    error = node_runs_failure(runs)
     assert not error.transient and "node1" in str(error)
 
 

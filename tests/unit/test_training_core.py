@@ -12,7 +12,8 @@ from visionpipe import tracking
 from visionpipe.config import DataConfig, FastPathConfig, FinetuneConfig, GoogLeNetConfig
 from visionpipe.data import PreparedDataset, prepare_dataset
 from visionpipe.models import ModelSpec
-from visionpipe.training.checkpoint import latest_checkpoint
+from visionpipe.errors import CheckpointError, is_transient
+from visionpipe.training.checkpoint import latest_checkpoint, save_checkpoint
 from visionpipe.training.fastpath import resolve_fast_path
 from visionpipe.training.core import (
     Progress,
@@ -94,6 +95,22 @@ def test_resume_is_refused_under_another_training_config_with_one_message(tmp_pa
     saved["config"] = finetune.model_dump_json()
     with pytest.raises(ValueError, match="another finetune config"):
         check_resumable(saved, finetune.model_copy(update={"seed": finetune.seed + 1}))
+
+
+def test_a_checkpoint_of_an_older_visionpipe_is_refused_with_the_fix_and_kept(tmp_path: Path) -> None:
+    # What the trainers wrote before the core: the progress spread over top-level keys.
+    cfg = GoogLeNetConfig(epochs=3)
+    old = {"model": nn.Linear(2, 2).state_dict(), "optimizer": {}, "scheduler": {},
+           "config": cfg.model_dump_json(), "epoch": 1, "step": 0, "best": 0.5, "history": [],
+           "scaler": None, "rng": None}
+    save_checkpoint(old, tmp_path / "last.pt")
+    saved = latest_checkpoint(tmp_path)
+    assert saved is not None
+    with pytest.raises(CheckpointError, match=r"last.pt has no 'progress': it was written by an "
+                                              r"older visionpipe.*Fix: start a new flow run"):
+        check_resumable(saved, cfg)
+    assert not is_transient(CheckpointError("x")), "a retry would only meet the same file"
+    assert (tmp_path / "last.pt").is_file(), "the refusal deletes nothing"
 
 
 def test_epoch_metrics_go_to_mlflow_from_rank_0_only(vp_home: Path) -> None:

@@ -21,6 +21,7 @@ from torch.utils.data import DistributedSampler
 from visionpipe import tracking
 from visionpipe.config import FastPathConfig, FinetuneConfig, GoogLeNetConfig, PhotoAugmentConfig
 from visionpipe.data import PreparedDataset, build_loader, load_split
+from visionpipe.errors import CheckpointError
 from visionpipe.data.loading import drops_lone_last
 from visionpipe.data.photo import PhotoTrainLoader, build_stream
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
@@ -37,6 +38,8 @@ EpochCallback = Callable[[EpochRecord], None]
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 StageConfig = TypeVar("StageConfig", FinetuneConfig, GoogLeNetConfig)
 
+# What a checkpoint needs for a resume, beside the weights ``load_checkpoint`` checks for.
+_RESUME_KEYS = frozenset({"config", "epoch", "step", "progress", "optimizer", "scheduler"})
 # The checkpoint's name for each stage's config, as the flow's config calls it.
 _STAGE_NAMES = {FinetuneConfig: "finetune", GoogLeNetConfig: "googlenet"}
 
@@ -92,6 +95,12 @@ def check_batch_size(batch_size: int, train_count: int) -> None:
 def check_resumable(saved: dict[str, Any], cfg: StageConfig,
                     ignore: set[str] = frozenset()) -> StageConfig:  # type: ignore[assignment]
     """The config ``saved`` was written under; an error unless ``cfg`` may resume from it."""
+    missing = sorted(_RESUME_KEYS - saved.keys())
+    if missing:  # written before the trainer core kept its progress under one key
+        raise CheckpointError(
+            f"{saved['path']} has no {', '.join(repr(k) for k in missing)}: it was written by "
+            "an older visionpipe, whose checkpoints this one cannot resume. Fix: start a new "
+            "flow run, or delete that folder to start this stage over")
     before = type(cfg).model_validate_json(saved["config"])
     if not same_training(before, cfg, ignore=ignore):
         raise ValueError(f"{saved['path']} was written with another {_STAGE_NAMES[type(cfg)]} "

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from visionpipe import faults
+from visionpipe import faults, settings
 from visionpipe.config import GoogLeNetConfig
 from visionpipe.data import PreparedDataset
 from visionpipe.training import launch
 from visionpipe.training.result import TrainResult
 from visionpipe.training.shared import SharedStore
-from visionpipe.errors import PreflightError, RendezvousUnreachable
+from visionpipe.errors import NodeRunFailed, PreflightError, RendezvousUnreachable
 from visionpipe.training.jobs import write_worker_job
 
 log = logging.getLogger(__name__)
@@ -245,3 +245,26 @@ def read_result(store: SharedStore, out_dir: Path, rdzv_id: str) -> TrainResult 
     store.pull(folder, [name])
     path = folder / name
     return TrainResult.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def shared_stage_dir(cfg: GoogLeNetConfig, flow_run_id: str, stage: str) -> str:
+    """The stage's checkpoint folder on the configured shared storage (or the state folder)."""
+    root = cfg.launch.shared_dir or str(settings.cache_dir("runs"))
+    return f"{root.rstrip('/')}/{flow_run_id}/{stage}"
+
+
+def localize_checkpoints(result: TrainResult, store: SharedStore, local_dir: Path) -> TrainResult:
+    """Point the result at checkpoints this process can open: downloaded from S3 into
+    ``local_dir``, or on the shared volume, which this host must mount at the same path."""
+    if store.is_s3:
+        names = ["best.pt", "best.pt.sha256", "last.pt", "last.pt.sha256"]
+        store.pull(local_dir, names)
+        return result.model_copy(update={"best_checkpoint": str(local_dir / "best.pt"),
+                                         "last_checkpoint": str(local_dir / "last.pt")})
+    for path in (result.best_checkpoint, result.last_checkpoint):
+        if not Path(path).is_file():
+            raise NodeRunFailed(
+                f"global rank 0 wrote {path}, which this host cannot see: the flow run that "
+                "evaluates and registers must mount googlenet.launch.shared_dir at the same "
+                "path as the nodes, or use an s3:// prefix", transient=False)
+    return result
