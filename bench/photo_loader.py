@@ -49,14 +49,15 @@ def _draw(root: Path, per_class: int, seed: int) -> None:
                       seed=seed)
 
 
-def make_folder(root: Path, drawn: int, variants: int) -> int:
+def make_folder(root: Path, drawn: int, variants: int, processes: int = WORKERS) -> int:
     """``drawn`` photo-like images and ``variants`` distinct copies of each; the file count.
 
-    Drawn by one process per core (into two folders, then merged by class)."""
-    with ProcessPoolExecutor(WORKERS) as pool:
-        list(pool.map(_draw, [root / f"part{k}" for k in range(WORKERS)],
-                      [drawn // (4 * WORKERS)] * WORKERS, range(WORKERS)))
-    for part in range(WORKERS):
+    Drawn by ``processes`` processes, one per core (each into its own folder, then merged by
+    class)."""
+    with ProcessPoolExecutor(processes) as pool:
+        list(pool.map(_draw, [root / f"part{k}" for k in range(processes)],
+                      [drawn // (4 * processes)] * processes, range(processes)))
+    for part in range(processes):
         for path in sorted((root / f"part{part}").rglob("*.jpg")):
             (root / path.parent.name).mkdir(exist_ok=True)
             path.rename(root / path.parent.name / f"p{part}_{path.name}")

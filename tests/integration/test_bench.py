@@ -53,6 +53,10 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
         assert figures[f"{model}_images_per_s"] > 0 and figures[f"{model}_plain_images_per_s"] > 0
     assert figures["jpeg_stream_cpu_decode_images_per_s"] > 0
     assert figures["jpeg_stream_device_decode_images_per_s"] > 0
+    assert figures["photo_loader_images_per_s"] > 0 and figures["photo_resnet50_images_per_s"] > 0
+    assert figures["photo_from_prepared_copy"], "later epochs read the prepared copy"
+    assert figures["photo_resnet50_vs_synthetic"] == pytest.approx(
+        figures["photo_resnet50_images_per_s"] / figures["resnet50_images_per_s"], rel=1e-2)
     assert figures["date"].endswith("+00:00") and figures["torchvision"]
 
 
