@@ -58,7 +58,8 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
         metrics={e.candidate: e.metrics for e in evaluations}, decision=decision,
         champion_version=registry.champion_version(config.model_name, config.registry.alias),
         mlflow_ui=tracking.mlflow_ui_command(), tracking_uri=tracking.redact(settings.tracking_uri()),
-        random_init=weights.random_init, timings=timings,
+        random_init=weights.random_init, timings=timings, alias=config.registry.alias,
+        example_image=registry.first_test_image(dataset),
     )
 
 

@@ -35,14 +35,31 @@ def register_model(candidates: list[Candidate], evaluations: list[Evaluation],
                 **{f"test_{k}": f"{v:.6f}" for k, v in scores[candidate.name].items()}}
         registrations.append(registry.register_version(candidate.name, model_name, model_uri,
                                                        candidate.run_id, tags))
-    best = max(registrations, key=lambda r: scores[r.candidate][cfg.champion_metric])
-    decision = registry.gate_champion(best, dataset, cfg.champion_metric, cfg.alias)
+    best, random_init = choose_for_gate(candidates, registrations, scores, cfg)
+    decision = registry.gate_champion(best, dataset, cfg, random_init=random_init)
     run_logger().info("champion gate: %s", decision.reason)
     tracking.set_tags(context.parent_run_id, {"gate_decision": decision.reason,
                                               "candidate_version": decision.candidate_version})
     create_markdown_artifact(key="champion-decision", markdown=decision_markdown(decision, model_name),
                              description=decision.reason)
     return decision
+
+
+def choose_for_gate(candidates: list[Candidate], registrations: list[registry.Registration],
+                    scores: dict[str, dict[str, float]], cfg: RegistryConfig
+                    ) -> tuple[registry.Registration, bool]:
+    """The best candidate the gate may promote, and whether it trained from a random init for
+    want of pretrained weights (then no other candidate was eligible, and the gate says so)."""
+    random_init = {c.name: c.pretrained_unreachable for c in candidates}
+    ranked = sorted(registrations, key=lambda r: scores[r.candidate][cfg.champion_metric],
+                    reverse=True)
+    eligible = [r for r in ranked if cfg.promote_random_init or not random_init[r.candidate]]
+    for refused in ranked[:ranked.index(eligible[0])] if eligible else []:
+        run_logger().warning("%s scored best but trained from a random init for want of "
+                             "pretrained weights (registry.promote_random_init is false); the "
+                             "gate takes %s", refused.candidate, eligible[0].candidate)
+    best = eligible[0] if eligible else ranked[0]
+    return best, random_init[best.candidate]
 
 
 def decision_markdown(decision: registry.GateDecision, model_name: str) -> str:
@@ -54,5 +71,5 @@ def decision_markdown(decision: registry.GateDecision, model_name: str) -> str:
         f"| | version | {decision.metric} |", "|---|---|---|",
         f"| candidate ({decision.candidate}) | {decision.candidate_version} | {decision.candidate_score:.4f} |",
         f"| champion before | {decision.champion_version or '-'} | {champion} |", "",
-        decision.reason,
+        f"{decision.reason} (rule: `{decision.rule}`)",
     ])

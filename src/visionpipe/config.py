@@ -407,6 +407,23 @@ class RegistryConfig(_Config):
     champion_metric: Literal["top1", "macro_f1"] = "top1"
     alias: str = Field("champion", description="The alias the gate moves; letters, digits, _ and "
                        "-, not 'latest' or v<number> (MLflow reserves those).")
+    min_score: float | None = Field(
+        None, ge=0, le=1, description="Quality floor on today's test split: a candidate below "
+        "it never becomes the champion, not even the first one. Empty: strictly above chance "
+        "(1 / number of classes); 0: no floor.")
+    min_improvement: float = Field(
+        0.0, ge=0, le=1, description="A candidate replaces the champion only if it beats the "
+        "champion's score by more than this (a tie always keeps the champion).")
+    promote_random_init: bool = Field(
+        False, description="Let a fine-tuned candidate whose pretrained weights were unreachable "
+        "(weights.on_unavailable=random-init) become the champion. GoogLeNet, trained from "
+        "scratch by design, is not concerned.")
+    on_class_change: Literal["replace", "shared-classes"] = Field(
+        "replace", description="When the champion was trained on other classes than today's "
+        "dataset (a class added, removed or renamed): 'replace' promotes the candidate (if it "
+        "passes the floor), since the champion cannot predict today's classes; "
+        "'shared-classes' compares both on the test images of the classes they share, "
+        "with a warning.")
 
     @field_validator("alias")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import mlflow
@@ -12,16 +13,18 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
-from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array
 from pydantic import BaseModel
 from sklearn.metrics import accuracy_score, f1_score
 
 import visionpipe
 from visionpipe import settings
+from visionpipe.config import RegistryConfig
 from visionpipe.data import PreparedDataset
 from visionpipe.data.paths import confined_path
 from visionpipe.digests import file_sha256
-from visionpipe.serving import ImageClassifier
+from visionpipe.serving import DEFAULT_BATCH_SIZE, ImageClassifier
 from visionpipe.models import inference_weights
 from visionpipe.tracking import client, configure_tracking, redact
 from visionpipe.training.checkpoint import load_checkpoint
@@ -31,8 +34,12 @@ log = logging.getLogger(__name__)
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(DataType.binary, "image")]),
     outputs=Schema([ColSpec(DataType.long, "label"), ColSpec(DataType.string, "class_name"),
-                    ColSpec(DataType.double, "probability")]),
+                    ColSpec(DataType.double, "probability"),
+                    ColSpec(Array(DataType.double), "probabilities")]),
+    # Declared, so MLflow passes a caller's params={"batch_size": n} on to predict.
+    params=ParamSchema([ParamSpec("batch_size", DataType.long, DEFAULT_BATCH_SIZE)]),
 )
+SCORE_BATCH = 256  # test images read, decoded and scored at a time when the gate re-scores
 # What a consumer's environment needs to rebuild the model; the visionpipe code travels with it.
 _REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "pydantic", "mlflow",
                  "scikit-learn", "pyarrow", "boto3")
@@ -82,6 +89,9 @@ class GateDecision(BaseModel):
     champion_version: str | None
     champion_score: float | None
     reason: str
+    # Which rule decided: first, beats, tie, min_improvement, min_score, random_init,
+    # class_change (replace), shared_classes.
+    rule: str = ""
 
 
 def pip_requirements() -> list[str]:
@@ -104,15 +114,34 @@ def export_inference_files(checkpoint: Path, out_dir: Path) -> dict[str, str]:
     return {"state_dict": str(out_dir / "state_dict.pt"), "spec": str(out_dir / "spec.json")}
 
 
+def _test_rows(dataset: PreparedDataset) -> pd.DataFrame:
+    manifest = pd.read_parquet(dataset.manifest_path)
+    return manifest[manifest["split"] == "test"].sort_values("path")
+
+
 def test_split_images(dataset: PreparedDataset, limit: int | None = None) -> tuple[list[bytes], list[int]]:
     """Encoded bytes and labels of the test split, read from the dataset's files."""
-    manifest = pd.read_parquet(dataset.manifest_path)
-    test = manifest[manifest["split"] == "test"].sort_values("path")
+    test = _test_rows(dataset)
     if limit is not None:
         test = test.head(limit)
     root = Path(dataset.root)
     return ([confined_path(root, p).read_bytes() for p in test["path"]],
             test["label"].astype(int).tolist())
+
+
+def first_test_image(dataset: PreparedDataset) -> str | None:
+    """The path of the test split's first image: one a consumer can score after a run."""
+    test = _test_rows(dataset)
+    return str(confined_path(Path(dataset.root), test["path"].iloc[0])) if len(test) else None
+
+
+def test_split_chunks(dataset: PreparedDataset, size: int) -> Iterator[tuple[list[bytes], list[int]]]:
+    """The test split's encoded bytes and labels, ``size`` images at a time (read as needed)."""
+    test, root = _test_rows(dataset), Path(dataset.root)
+    for start in range(0, len(test), size):
+        chunk = test.iloc[start:start + size]
+        yield ([confined_path(root, p).read_bytes() for p in chunk["path"]],
+               chunk["label"].astype(int).tolist())
 
 
 def log_pyfunc_model(run_id: str, checkpoint: Path, work_dir: Path, dataset: PreparedDataset) -> str:
@@ -166,15 +195,46 @@ def register_version(candidate: str, model_name: str, model_uri: str, run_id: st
                         model_uri=f"models:/{model_name}/{mv.version}", run_id=run_id)
 
 
-def score_model(model_uri: str, dataset: PreparedDataset, metric: str) -> float:
+def model_class_names(model: mlflow.pyfunc.PyFuncModel) -> list[str] | None:
+    """The classes a registered model predicts (its ``ModelSpec``); None for a foreign model."""
+    try:
+        spec = model.unwrap_python_model().spec
+    except (AttributeError, MlflowException):
+        return None
+    return list(spec.class_names)
+
+
+def score_model(model_uri: str, dataset: PreparedDataset, metric: str,
+                classes: Collection[str] | None = None, batch_size: int = SCORE_BATCH) -> float:
     """Re-score a registered model through its pyfunc, as a consumer would call it."""
     configure_tracking()
-    model = mlflow.pyfunc.load_model(model_uri)
-    images, labels = test_split_images(dataset)
-    predicted = model.predict(pd.DataFrame({"image": images}))["label"].astype(int).tolist()
+    return score_loaded(mlflow.pyfunc.load_model(model_uri), dataset, metric, classes, batch_size)
+
+
+def score_loaded(model: mlflow.pyfunc.PyFuncModel, dataset: PreparedDataset, metric: str,
+                 classes: Collection[str] | None = None, batch_size: int = SCORE_BATCH) -> float:
+    """``metric`` of ``model`` on today's test split, by class name, read ``batch_size`` images
+    at a time (on the GPU when the serving host has one).
+
+    Names, not label numbers: a dataset version that adds a class renumbers the ones sorted
+    after it. With ``classes``, only the test images of those classes count.
+    """
+    truth: list[str] = []
+    predicted: list[str] = []
+    for images, labels in test_split_chunks(dataset, batch_size):
+        names = [dataset.class_names[label] for label in labels]
+        keep = [i for i, name in enumerate(names) if classes is None or name in classes]
+        if not keep:
+            continue
+        frame = pd.DataFrame({"image": [images[i] for i in keep]})
+        predicted += model.predict(frame, params={"batch_size": batch_size})["class_name"].tolist()
+        truth += [names[i] for i in keep]
+    if not truth:
+        raise ValueError(f"no test image of the classes {sorted(classes or [])} to score on")
     if metric == "macro_f1":
-        return float(f1_score(labels, predicted, average="macro", zero_division=0))
-    return float(accuracy_score(labels, predicted))
+        return float(f1_score(truth, predicted, labels=sorted(set(truth)), average="macro",
+                              zero_division=0))
+    return float(accuracy_score(truth, predicted))
 
 
 def champion_version(model_name: str, alias: str) -> str | None:
@@ -212,40 +272,110 @@ def _read_champion(model_name: str, alias: str, when: str) -> str | None:
             f"did not move {alias!r}. Re-run registration once the registry answers.", exc) from exc
 
 
-def gate_champion(best: Registration, dataset: PreparedDataset, metric: str, alias: str) -> GateDecision:
-    """Move ``alias`` to ``best`` only if it beats the current holder on today's test split."""
-    candidate_score = score_model(best.model_uri, dataset, metric)
+def gate_champion(best: Registration, dataset: PreparedDataset, cfg: RegistryConfig,
+                  random_init: bool = False) -> GateDecision:
+    """Move ``cfg.alias`` to ``best`` only if it passes the rules and beats the current holder
+    on today's test split.
+
+    In order: a candidate trained from a random init for want of pretrained weights is refused
+    (unless ``promote_random_init``); one below the quality floor is refused; with no champion
+    yet, one that passed is promoted; a champion trained on other classes is replaced or
+    compared on the shared classes (``on_class_change``); otherwise the candidate must beat the
+    champion by more than ``min_improvement``.
+    """
+    metric, alias = cfg.champion_metric, cfg.alias
     current = _read_champion(best.model_name, alias, "before comparing (nothing was tagged)")
-    champion_score = None
-    if current is None:
-        promoted, reason = True, f"no {alias} yet"
-    elif current == best.version:
-        # A retry after this very promotion: report it as it was decided.
-        tags = client().get_model_version(best.model_name, current).tags
-        champion_score = float(tags["gate_champion_score"]) if tags.get("gate_champion_score") else None
-        promoted = tags.get("gate_decision") == "promoted"
-        reason = tags.get("gate_reason", f"version {current} already is {alias}")
-        current = tags.get("previous_champion") or None
+    if current is not None and current == best.version:
+        return _decided_before(best, dataset, cfg, current)
+    configure_tracking()
+    candidate = mlflow.pyfunc.load_model(best.model_uri)
+    score = score_loaded(candidate, dataset, metric)
+
+    def decide(promoted: bool, rule: str, reason: str, champion_score: float | None = None,
+               candidate_score: float = score) -> GateDecision:
         return GateDecision(promoted=promoted, metric=metric, candidate=best.candidate,
                             candidate_version=best.version, candidate_score=candidate_score,
-                            champion_version=current, champion_score=champion_score, reason=reason)
+                            champion_version=current, champion_score=champion_score,
+                            reason=reason, rule=rule)
+
+    floor, passes = _floor(cfg, dataset, score)
+    if random_init and not cfg.promote_random_init:
+        decision = decide(False, "random_init", f"candidate trained from a random init (its "
+                          "pretrained weights were unreachable); registry.promote_random_init "
+                          f"is false, so {alias} stays where it is")
+    elif not passes:
+        decision = decide(False, "min_score", f"candidate {metric} {score:.4f} is below the "
+                          f"quality floor ({floor}); {alias} stays where it is")
+    elif current is None:
+        decision = decide(True, "first", f"no {alias} yet; candidate {metric} {score:.4f} "
+                          f"passes the quality floor ({floor})")
     else:
-        champion_score = score_model(f"models:/{best.model_name}/{current}", dataset, metric)
-        promoted = candidate_score > champion_score
-        verdict = "beats" if promoted else "does not beat"
-        reason = (f"candidate {metric} {candidate_score:.4f} {verdict} {alias} v{current} "
-                  f"{champion_score:.4f} (a tie keeps the {alias})")
-    decision = GateDecision(promoted=promoted, metric=metric, candidate=best.candidate,
-                            candidate_version=best.version, candidate_score=candidate_score,
-                            champion_version=current, champion_score=champion_score, reason=reason)
+        decision = _against_champion(best, candidate, dataset, cfg, current, score, decide)
     _apply_decision(decision, best.model_name, alias)
     return decision
+
+
+def _floor(cfg: RegistryConfig, dataset: PreparedDataset, score: float) -> tuple[str, bool]:
+    """The floor in words, and whether ``score`` passes it."""
+    if cfg.min_score is None:
+        chance = 1 / dataset.num_classes
+        return f"above chance, {chance:.4f}", score > chance
+    return f"registry.min_score {cfg.min_score:.4f}", score >= cfg.min_score
+
+
+def _against_champion(best: Registration, candidate: mlflow.pyfunc.PyFuncModel,
+                      dataset: PreparedDataset, cfg: RegistryConfig, current: str, score: float,
+                      decide: Callable[..., GateDecision]) -> GateDecision:
+    """The candidate against the current champion, re-scored on today's test split."""
+    metric, alias = cfg.champion_metric, cfg.alias
+    champion = mlflow.pyfunc.load_model(f"models:/{best.model_name}/{current}")
+    theirs, today = model_class_names(champion), dataset.class_names
+    shared: set[str] | None = None
+    note = ""
+    if theirs is not None and set(theirs) != set(today):
+        change = (f"{alias} v{current} was trained on other classes (added today: "
+                  f"{sorted(set(today) - set(theirs)) or '-'}, gone: {sorted(set(theirs) - set(today)) or '-'})")
+        shared = set(theirs) & set(today)
+        if cfg.on_class_change == "replace" or not shared:
+            return decide(True, "class_change", f"{change}; registry.on_class_change="
+                          f"{cfg.on_class_change} promotes the candidate, which passed the floor")
+        log.warning("champion gate: %s; comparing both on the %d shared classes only",
+                    change, len(shared))
+        score = score_loaded(candidate, dataset, metric, shared)
+        note = f" on the {len(shared)} shared classes ({change})"
+    champion_score = score_loaded(champion, dataset, metric, shared)
+    margin = cfg.min_improvement
+    promoted = score > champion_score + margin
+    if promoted:
+        rule, verdict = ("shared_classes" if shared else "beats"), "beats"
+    elif score > champion_score:
+        rule, verdict = "min_improvement", f"beats by no more than registry.min_improvement {margin}:"
+    else:
+        rule, verdict = ("shared_classes" if shared else "tie"), "does not beat"
+    reason = (f"candidate {metric} {score:.4f} {verdict} {alias} v{current} {champion_score:.4f}"
+              f"{note} (a tie keeps the {alias})")
+    return decide(promoted, rule, reason, champion_score=champion_score, candidate_score=score)
+
+
+def _decided_before(best: Registration, dataset: PreparedDataset, cfg: RegistryConfig,
+                    current: str) -> GateDecision:
+    """A retry after this very promotion: the decision as it was made, from the version's tags."""
+    tags = client().get_model_version(best.model_name, current).tags
+    champion_score = float(tags["gate_champion_score"]) if tags.get("gate_champion_score") else None
+    return GateDecision(
+        promoted=tags.get("gate_decision") == "promoted", metric=cfg.champion_metric,
+        candidate=best.candidate, candidate_version=best.version,
+        candidate_score=float(tags.get("gate_candidate_score") or "nan"),
+        champion_version=tags.get("previous_champion") or None, champion_score=champion_score,
+        reason=tags.get("gate_reason", f"version {current} already is {cfg.alias}"),
+        rule=tags.get("gate_rule", ""))
 
 
 def _apply_decision(decision: GateDecision, model_name: str, alias: str) -> None:
     mlflow_client = client()
     tags = {"gate_decision": "promoted" if decision.promoted else "kept_champion",
             "gate_reason": decision.reason, "gate_metric": decision.metric,
+            "gate_rule": decision.rule,
             "gate_candidate_score": f"{decision.candidate_score:.6f}",
             "gate_champion_score": "" if decision.champion_score is None
             else f"{decision.champion_score:.6f}"}

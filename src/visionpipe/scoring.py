@@ -40,7 +40,7 @@ def score_images(model_uri: str, source: str, output: str, batch_size: int = 64)
         files = materialized.files[start:start + batch_size]
         frames.append(_score_batch(model, materialized.root, files))
     scored = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["path", "folder", "label", "class_name", "probability", "error"])
+        columns=["path", "folder", "label", "class_name", "probability", "probabilities", "error"])
     write_parquet(scored, output)
     return _summary(scored, model_uri, source, output)
 
@@ -58,7 +58,8 @@ def _score_batch(model: mlflow.pyfunc.PyFuncModel, root: Path, files: list) -> p
             try:
                 rows.append(model.predict(pd.DataFrame({"image": [image]})).iloc[0].to_dict() | {"error": ""})
             except Exception as exc:  # noqa: BLE001
-                rows.append({"label": -1, "class_name": "", "probability": 0.0, "error": str(exc)[:200]})
+                rows.append({"label": -1, "class_name": "", "probability": 0.0, "probabilities": [],
+                             "error": str(exc)[:200]})
         return pd.concat([base, pd.DataFrame(rows)], axis=1)
 
 

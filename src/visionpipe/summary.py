@@ -30,6 +30,8 @@ class PipelineSummary(BaseModel):
     tracking_uri: str
     random_init: bool
     timings: RunTimings | None = None
+    alias: str = "champion"
+    example_image: str | None = None  # a test image of the dataset, for the snippet to score
 
     def render(self) -> str:
         lines = [f"visionpipe: {self.model_name} (dataset version {self.dataset_version})", ""]
@@ -38,7 +40,7 @@ class PipelineSummary(BaseModel):
                               if k in metrics)
             lines.append(f"  {candidate:<22} {shown}, {metrics.get('images_per_s', 0):.0f} img/s")
         verdict = "promoted" if self.decision.promoted else "not promoted"
-        lines += ["", f"champion: version {self.champion_version} ({verdict} "
+        lines += ["", f"{self.alias}: version {self.champion_version} ({verdict} "
                   f"v{self.decision.candidate_version}: {self.decision.reason})"]
         if self.timings:
             t = self.timings
@@ -47,9 +49,14 @@ class PipelineSummary(BaseModel):
         if self.random_init:
             lines.append("note: the fine-tuned backbone started from RANDOM weights "
                          "(no pretrained source was reachable)")
-        lines += ["", "MLflow UI:", f"  {self.mlflow_ui}", "", "Load the champion:",
+        if self.champion_version is None:
+            lines += ["", "MLflow UI:", f"  {self.mlflow_ui}", "",
+                      f"No version holds the {self.alias!r} alias yet: nothing to load."]
+            return "\n".join(lines)
+        image = self.example_image or "image.png"
+        lines += ["", "MLflow UI:", f"  {self.mlflow_ui}", "", f"Load the {self.alias}:",
                   "  import mlflow, pandas as pd; mlflow.set_tracking_uri("
                   f"\"{self.tracking_uri}\")",
-                  f"  model = mlflow.pyfunc.load_model(\"models:/{self.model_name}@champion\"); "
-                  "model.predict(pd.DataFrame({\"image\": [open(\"digit.png\", \"rb\").read()]}))"]
+                  f"  model = mlflow.pyfunc.load_model(\"models:/{self.model_name}@{self.alias}\"); "
+                  f"model.predict(pd.DataFrame({{\"image\": [open({image!r}, \"rb\").read()]}}))"]
         return "\n".join(lines)

@@ -27,6 +27,8 @@ TINY = {
         {"name": "head", "trainable": ["fc"], "epochs": 1, "lr": 2e-3},
         {"name": "full", "trainable": ["*"], "epochs": 1, "lr": 2e-3}]},
     "googlenet": {"epochs": 1, "batch_size": 8, "launch": {"nproc_per_node": 2}},
+    # One epoch on 120 digits can end at chance: no quality floor (the gate's tests check it).
+    "registry": {"min_score": 0},
 }
 
 
@@ -51,6 +53,8 @@ def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(
     summary = state.result()
     assert set(summary.metrics) == {"finetune-resnet18", "scratch-googlenet"}
     assert summary.decision.promoted and summary.champion_version is not None
+    # The fine-tune trained from a random init for want of weights: the gate may not take it.
+    assert summary.decision.candidate == "scratch-googlenet"
     assert summary.random_init and "RANDOM" in summary.render()
     mlflow = tracking.client()
     versions = mlflow.search_model_versions("name='digits-classifier'")

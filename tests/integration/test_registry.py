@@ -16,7 +16,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
 from visionpipe import registry, settings, tracking
-from visionpipe.config import DataConfig, FinetuneConfig, Phase
+from visionpipe.config import DataConfig, FinetuneConfig, Phase, RegistryConfig
 from visionpipe.data import PreparedDataset, prepare_dataset
 from visionpipe.digests import file_sha256
 from visionpipe.evaluation import evaluate_checkpoint
@@ -25,6 +25,8 @@ from visionpipe.training.checkpoint import save_checkpoint
 from visionpipe.training.finetune import finetune
 
 pytestmark = pytest.mark.integration
+# These tests register briefly trained or untrained models: no quality floor unless a test sets one.
+NO_FLOOR = RegistryConfig(min_score=0)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def _champion(trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: py
     home, dataset, good, _ = trained
     monkeypatch.setenv("VISIONPIPE_HOME", str(home))
     version = _register(name, good, dataset, work, model=model)
-    assert registry.gate_champion(version, dataset, "top1", "champion").promoted
+    assert registry.gate_champion(version, dataset, NO_FLOOR).promoted
     return dataset, version
 
 
@@ -97,17 +99,17 @@ def test_gate_promotes_first_and_better_and_keeps_champion_against_worse(
     home, dataset, good, bad = trained
     monkeypatch.setenv("VISIONPIPE_HOME", str(home))
     first = _register("bad-1", bad, dataset, tmp_path)
-    decision = registry.gate_champion(first, dataset, "top1", "champion")
+    decision = registry.gate_champion(first, dataset, NO_FLOOR)
     assert decision.promoted and decision.champion_version is None
     better = _register("good", good, dataset, tmp_path)
-    decision = registry.gate_champion(better, dataset, "top1", "champion")
+    decision = registry.gate_champion(better, dataset, NO_FLOOR)
     assert decision.promoted and decision.champion_version == first.version
     assert decision.candidate_score > decision.champion_score  # type: ignore[operator]
-    retried = registry.gate_champion(better, dataset, "top1", "champion")  # a retried task
+    retried = registry.gate_champion(better, dataset, NO_FLOOR)  # a retried task
     assert retried.promoted and retried.champion_version == first.version
     worse = _register("bad-2", bad, dataset, tmp_path)
-    decision = registry.gate_champion(worse, dataset, "top1", "champion")
-    assert not decision.promoted and "does not beat" in decision.reason
+    decision = registry.gate_champion(worse, dataset, NO_FLOOR)
+    assert not decision.promoted and "does not beat" in decision.reason and decision.rule == "tie"
     assert registry.champion_version("digits-test", "champion") == better.version
     mv = tracking.client().get_model_version("digits-test", worse.version)
     assert mv.tags["gate_decision"] == "kept_champion"
@@ -117,6 +119,86 @@ def test_gate_promotes_first_and_better_and_keeps_champion_against_worse(
     # The documented way back: python -m visionpipe.registry rollback <model>
     assert registry.main(["rollback", "digits-test"]) == 0
     assert registry.champion_version("digits-test", "champion") == first.version
+
+
+def _with_manifest(dataset: PreparedDataset, folder: Path, class_names: list[str],
+                   shift: int = 0) -> PreparedDataset:
+    """``dataset``'s images under other class names: its manifest's labels moved by ``shift``
+    (a class added in front of the sorted names renumbers every class after it)."""
+    manifest = pd.read_parquet(dataset.manifest_path)
+    manifest["label"] = manifest["label"] + shift
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest.to_parquet(folder / "manifest.parquet")
+    return dataset.model_copy(update={"class_names": class_names, "num_classes": len(class_names),
+                                      "manifest_path": str(folder / "manifest.parquet")})
+
+
+def test_the_gate_refuses_a_random_init_below_the_floor_or_within_the_margin(
+    trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home, dataset, good, bad = trained
+    monkeypatch.setenv("VISIONPIPE_HOME", str(home))
+    model = "digits-rules"
+    good_score = registry.score_model(_register("probe", good, dataset, tmp_path, model="digits-probe")
+                                      .model_uri, dataset, "top1")
+    bad_score = registry.score_model(_register("probe-bad", bad, dataset, tmp_path,
+                                               model="digits-probe").model_uri, dataset, "top1")
+    assert good_score > max(bad_score, 0.5), (good_score, bad_score)
+    # The first candidate, below an explicit floor: no champion at all.
+    floor = RegistryConfig(min_score=(good_score + bad_score) / 2)
+    low = registry.gate_champion(_register("low", bad, dataset, tmp_path, model=model), dataset, floor)
+    assert not low.promoted and low.rule == "min_score" and "quality floor" in low.reason
+    assert registry.champion_version(model, "champion") is None
+    # A fine-tune trained from a random init for want of weights: refused unless allowed.
+    fallback = _register("fallback", good, dataset, tmp_path, model=model)
+    refused = registry.gate_champion(fallback, dataset, floor, random_init=True)
+    assert not refused.promoted and refused.rule == "random_init"
+    assert registry.champion_version(model, "champion") is None
+    tags = tracking.client().get_model_version(model, fallback.version).tags
+    assert tags["gate_rule"] == "random_init" and tags["gate_decision"] == "kept_champion"
+    allowed = floor.model_copy(update={"promote_random_init": True})
+    first = registry.gate_champion(_register("allowed", good, dataset, tmp_path, model=model),
+                                   dataset, allowed, random_init=True)
+    assert first.promoted and first.rule == "first"
+    # Better, but not by more than the margin: the champion stays.
+    margin = RegistryConfig(min_score=0, min_improvement=1.0)
+    assert registry.gate_champion(_register("bad-first", bad, dataset, tmp_path, model="digits-margin"),
+                                  dataset, margin).promoted
+    within = registry.gate_champion(_register("better", good, dataset, tmp_path, model="digits-margin"),
+                                    dataset, margin)
+    assert not within.promoted and within.rule == "min_improvement"
+    assert within.candidate_score > within.champion_score  # type: ignore[operator]
+
+
+def test_a_champion_of_other_classes_is_replaced_or_compared_on_the_shared_ones(
+    trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home, dataset, good, bad = trained
+    monkeypatch.setenv("VISIONPIPE_HOME", str(home))
+    names = list(dataset.class_names)
+    _champion(trained, monkeypatch, tmp_path, "old-classes", "digits-classes")
+    good_score = registry.score_model("models:/digits-classes@champion", dataset, "top1")
+    champion = registry.champion_version("digits-classes", "champion")
+    # A class renamed: the default replaces the champion, which cannot predict the new name.
+    renamed = _with_manifest(dataset, tmp_path / "renamed",
+                             [n if n != "3" else "three" for n in names])
+    candidate = _register("renamed", bad, dataset, tmp_path, model="digits-classes")
+    decision = registry.gate_champion(candidate, renamed, RegistryConfig(min_score=0))
+    assert decision.promoted and decision.rule == "class_change"
+    assert "added today: ['three'], gone: ['3']" in decision.reason
+    assert registry.main(["rollback", "digits-classes"]) == 0
+    assert registry.champion_version("digits-classes", "champion") == champion
+    # A class added in front: every label number moves by one. Compared on the shared classes
+    # by name, the champion keeps the score it has on its own classes (by number it would be
+    # wrong on nearly every image).
+    added = _with_manifest(dataset, tmp_path / "added", ["0-new", *names], shift=1)
+    shared = RegistryConfig(min_score=0, on_class_change="shared-classes")
+    candidate = _register("added", bad, dataset, tmp_path, model="digits-classes")
+    decision = registry.gate_champion(candidate, added, shared)
+    assert not decision.promoted and decision.rule == "shared_classes"
+    assert decision.champion_score == pytest.approx(good_score)
+    assert "on the 10 shared classes" in decision.reason and "added today: ['0-new']" in decision.reason
+    assert registry.champion_version("digits-classes", "champion") == champion
 
 
 def test_a_retried_registration_reuses_its_version(
@@ -161,7 +243,7 @@ def test_a_broken_registry_stops_the_gate_before_it_tags_or_moves_the_alias(
     monkeypatch.setenv("VISIONPIPE_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
     champion = _register("champion", bad, dataset, tmp_path, model="digits-broken")
-    assert registry.gate_champion(champion, dataset, "top1", "champion").promoted
+    assert registry.gate_champion(champion, dataset, NO_FLOOR).promoted
     # The same weights: a working gate ties and keeps the champion.
     registered = _register("tie", bad, dataset, tmp_path, model="digits-broken")
     # Score the candidate from a local copy, so that only the alias lookup meets the damage.
@@ -172,7 +254,7 @@ def test_a_broken_registry_stops_the_gate_before_it_tags_or_moves_the_alias(
         con.execute("ALTER TABLE registered_model_aliases RENAME TO aliases_away")
     with pytest.raises(MlflowException, match="could not read alias 'champion' of digits-broken "
                                               "before comparing.*did not move 'champion'") as info:
-        registry.gate_champion(candidate, dataset, "top1", "champion")
+        registry.gate_champion(candidate, dataset, NO_FLOOR)
     assert info.value.error_code == "TEMPORARILY_UNAVAILABLE"
     assert "no such table" in str(info.value)
     with sqlite3.connect(db) as con:
@@ -180,6 +262,41 @@ def test_a_broken_registry_stops_the_gate_before_it_tags_or_moves_the_alias(
     assert registry.champion_version("digits-broken", "champion") == champion.version
     tags = tracking.client().get_model_version("digits-broken", registered.version).tags
     assert not {k for k in tags if k.startswith("gate_") or k == "previous_champion"}, tags
+
+
+def test_a_callers_batch_size_reaches_predict_and_every_class_gets_a_probability(
+    trained: tuple[Path, PreparedDataset, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import logging
+
+    import mlflow
+
+    dataset, _ = _champion(trained, monkeypatch, tmp_path, "params", "digits-params")
+    model = mlflow.pyfunc.load_model("models:/digits-params@champion")
+    classifier = model.unwrap_python_model()
+    sizes: list[int] = []
+    scored = classifier._predict_batch
+    monkeypatch.setattr(classifier, "_predict_batch", lambda images: sizes.append(len(images))
+                        or scored(images))
+    images, labels = registry.test_split_images(dataset, limit=15)
+    caught: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: caught.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        out = model.predict(pd.DataFrame({"image": images}), params={"batch_size": 7})
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    assert sizes == [7, 7, 1], "the caller's batch_size reached predict"
+    assert not [m for m in caught if "params schema" in m or "Ignoring" in m], caught
+    assert list(out.columns) == ["label", "class_name", "probability", "probabilities"]
+    probabilities = torch.tensor([list(p) for p in out["probabilities"]])  # 15 x classes
+    assert probabilities.shape == (15, dataset.num_classes)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(15, dtype=torch.float64))
+    assert (probabilities.argmax(1) == torch.tensor(out["label"].tolist())).all()
+    assert out["probability"].tolist() == pytest.approx(probabilities.max(1).values.tolist())
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        model.predict(pd.DataFrame({"image": images[:1]}), params={"batch_size": 0})
 
 
 CONSUMER = """
@@ -204,7 +321,7 @@ def test_consumer_in_a_fresh_process_loads_the_champion_and_predicts_raw_images(
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     answer = json.loads(out.stdout.strip().splitlines()[-1])
-    assert answer["columns"] == ["label", "class_name", "probability"]
+    assert answer["columns"] == ["label", "class_name", "probability", "probabilities"]
     assert "'image': binary" in answer["schema"]
     accuracy = (pd.Series(answer["labels"]) == test["label"].reset_index(drop=True)).mean()
     expected = evaluate_checkpoint("good", trained[2], dataset, 64, tmp_path / "eval").metrics["top1"]

@@ -32,6 +32,8 @@ TINY = {
     "finetune": {"arch": "resnet18", "batch_size": 16, "phases": [
         {"name": "full", "trainable": ["*"], "epochs": 1, "lr": 2e-3}]},
     "googlenet": {"epochs": 1, "batch_size": 8, "launch": {"nproc_per_node": 2}},
+    # One epoch on 120 digits can end at chance: no quality floor (the gate's tests check it).
+    "registry": {"min_score": 0},
 }
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from visionpipe import tracking
 from visionpipe.models import ModelSpec
 from visionpipe.tracking import TrackingContext
+from visionpipe.weights.state_dict import RANDOM_INIT
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ class Candidate(BaseModel):
     run_id: str  # its MLflow run
     result: TrainResult
     lineage: dict[str, str]
+
+    @property
+    def pretrained_unreachable(self) -> bool:
+        """Whether it was to start from pretrained weights but trained from a random init,
+        since no source answered (GoogLeNet trains from scratch by design: not this)."""
+        return self.lineage.get("weights_source") == RANDOM_INIT
 
 
 def open_candidate_run(context: TrackingContext, name: str, lineage: dict[str, str],

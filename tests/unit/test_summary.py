@@ -1,0 +1,31 @@
+"""The report printed at the end of a run names the configured alias and a real image."""
+
+from __future__ import annotations
+
+from visionpipe.registry import GateDecision
+from visionpipe.summary import PipelineSummary
+
+
+def _summary(**changes: object) -> PipelineSummary:
+    decision = GateDecision(promoted=True, metric="top1", candidate="scratch-googlenet",
+                            candidate_version="3", candidate_score=0.9, champion_version="2",
+                            champion_score=0.8, reason="beats", rule="beats")
+    values: dict[str, object] = {
+        "model_name": "digits-classifier", "dataset_version": "abc", "decision": decision,
+        "metrics": {"scratch-googlenet": {"top1": 0.9}}, "champion_version": "3",
+        "mlflow_ui": "mlflow ui", "tracking_uri": "sqlite:///x.db", "random_init": False,
+        "alias": "production", "example_image": "/state/datasets/digits/3/0003.png"}
+    return PipelineSummary.model_validate({**values, **changes})
+
+
+def test_the_summary_names_the_configured_alias_and_an_image_the_run_left() -> None:
+    text = _summary().render()
+    assert "production: version 3 (promoted v3: beats)" in text
+    assert 'models:/digits-classifier@production' in text and "@champion" not in text
+    assert "open('/state/datasets/digits/3/0003.png', \"rb\")" in text
+
+
+def test_with_no_champion_the_summary_offers_nothing_to_load() -> None:
+    text = _summary(champion_version=None).render()
+    assert "No version holds the 'production' alias yet" in text
+    assert "pyfunc.load_model" not in text
