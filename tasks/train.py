@@ -15,6 +15,7 @@ from visionpipe import settings
 from visionpipe.config import FinetuneConfig, GoogLeNetConfig
 from visionpipe.data import PreparedDataset
 from visionpipe.tracking import TrackingContext
+from visionpipe.training.core import parse_epoch_line
 from visionpipe.training.finetune import finetune
 from visionpipe.training.jobs import launch_on_this_node
 from visionpipe.training.oom import with_oom_fallback
@@ -78,9 +79,18 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
         result = train_on_nodes(cfg, dataset, context, name, run_id, out_dir)
     else:
         logger = run_logger()
+        reporter = EpochReporter(name, cfg.epochs)
+
+        def on_line(rank: int | None, line: str) -> None:
+            record = parse_epoch_line(line)
+            if record is None:
+                logger.info("[rank %s] %s", "-" if rank is None else rank, line)
+            else:
+                reporter(record)
+
         result = with_oom_fallback(cfg, lambda c: launch_on_this_node(
-            c, dataset, out_dir, run_id, context.flow_run_id[:12],
-            lambda rank, line: logger.info("[rank %s] %s", "-" if rank is None else rank, line),
+            c, dataset, out_dir, run_id, context.flow_run_id[:12], on_line,
             hold_compute=compute_slots, stop=launch_stop(context.flow_run_id), logger=logger),
             logger)
+        reporter.done()
     return close_candidate_run(name, run_id, result, lineage, run_logger())

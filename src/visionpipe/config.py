@@ -361,6 +361,9 @@ class GoogLeNetConfig(_Config):
         description="Drop the stem's first max-pool (it has no weights, so the state dict stays "
         "torchvision's): a 32x32 image then reaches the last inception blocks as 2x2, not 1x1.",
     )
+    early_stopping_patience: int = Field(
+        3, ge=1, description="Stop after this many epochs without a better val top-1, counted "
+        "in the second half of the run only (the fine-tune's rule).")
     sync_batchnorm: bool = False
     augment: bool = False
     photo: PhotoAugmentConfig = Field(default_factory=PhotoAugmentConfig, description="Photo recipe's training augmentation.")

@@ -145,7 +145,8 @@ def test_the_worker_runs_as_one_plain_process_without_torchrun_and_learns(
         monkeypatch.delenv(var, raising=False)
     # 16 x 16 digits: a quarter of the default's pixels, so that six epochs from scratch stay short.
     digits = prepare_dataset(DataConfig(max_per_class=12, image_size=16))
-    cfg = GoogLeNetConfig(epochs=6, batch_size=16, lr=0.02, warmup_epochs=0)
+    cfg = GoogLeNetConfig(epochs=6, batch_size=16, lr=0.02, warmup_epochs=0,
+                          early_stopping_patience=6)  # six epochs, whatever val says
     job = WorkerJob(config=cfg, dataset=digits, out_dir=str(tmp_path),
                     result_path=str(tmp_path / "result.json"))
     (tmp_path / "job.json").write_text(job.model_dump_json())
@@ -158,6 +159,37 @@ def test_the_worker_runs_as_one_plain_process_without_torchrun_and_learns(
     # behind 30 steps of a network from scratch), so learning is checked on the training split.
     assert len(history) == 6 and history[-1]["train_loss"] < 0.85 * history[0]["train_loss"]
     assert history[-1]["train_top1"] >= 0.3
+
+
+def test_googlenet_stops_early_in_its_second_half_and_a_resume_ends_there_too(
+    vp_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from visionpipe.config import GoogLeNetConfig
+    from visionpipe.training import worker
+    from visionpipe.training.core import parse_epoch_line
+    from visionpipe.training.jobs import WorkerJob
+    from visionpipe.training.loop import EpochStats
+    from visionpipe.training.result import TrainResult
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    # A validation score that never improves after the first epoch.
+    monkeypatch.setattr(worker, "validate", lambda *a, **k: EpochStats(50.0, 50, 100, 0.1))
+    digits = prepare_dataset(DataConfig(max_per_class=6, image_size=16))
+    cfg = GoogLeNetConfig(epochs=6, batch_size=16, early_stopping_patience=2)
+    job = WorkerJob(config=cfg, dataset=digits, out_dir=str(tmp_path),
+                    result_path=str(tmp_path / "result.json"))
+    (tmp_path / "job.json").write_text(job.model_dump_json())
+    assert worker.main([str(tmp_path / "job.json")]) == 0
+    result = TrainResult.model_validate_json((tmp_path / "result.json").read_text())
+    # Epochs 2 and 3 without a better score fall in the first half; epoch 4 is the third.
+    assert result.epochs_run == 4 and len(result.history) == 4 and result.best_epoch == 1
+    records = [parse_epoch_line(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["epoch"] for r in records if r is not None] == [1, 2, 3, 4]
+    assert worker.main([str(tmp_path / "job.json")]) == 0  # a retried task resumes: no epoch more
+    again = TrainResult.model_validate_json((tmp_path / "result.json").read_text())
+    assert again.epochs_run == 4 and again.history == result.history
+    assert not [line for line in capsys.readouterr().out.splitlines() if parse_epoch_line(line)]
 
 
 class _Interrupt(Exception):

@@ -7,6 +7,7 @@ MLflow, whether a split is held in memory or streamed) is decided here, once.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class Progress:
     history: list[EpochRecord] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # phases left out (fine-tune)
     resumed_from_epoch: int | None = None
+    stopped_early: bool = False  # GoogLeNet: early stopping ended the run (a resume ends too)
 
     def end_epoch(self, record: EpochRecord) -> bool:
         """Count a finished epoch in; return whether its val top-1 is the best so far."""
@@ -71,7 +73,8 @@ class Progress:
     def saved(self) -> dict[str, Any]:
         """The part a checkpoint keeps (epoch and step are top-level checkpoint keys)."""
         return {"best_top1": self.best_top1, "best_epoch": self.best_epoch,
-                "since_best": self.since_best, "history": self.history, "skipped": self.skipped}
+                "since_best": self.since_best, "history": self.history, "skipped": self.skipped,
+                "stopped_early": self.stopped_early}
 
     @classmethod
     def restored(cls, checkpoint: dict[str, Any]) -> Progress:
@@ -80,7 +83,32 @@ class Progress:
         return cls(epoch=checkpoint["epoch"], step=checkpoint["step"],
                    best_top1=saved["best_top1"], best_epoch=saved["best_epoch"],
                    since_best=saved["since_best"], history=list(saved["history"]),
-                   skipped=list(saved["skipped"]), resumed_from_epoch=checkpoint["epoch"])
+                   skipped=list(saved["skipped"]), resumed_from_epoch=checkpoint["epoch"],
+                   stopped_early=bool(saved.get("stopped_early", False)))
+
+
+# Rank 0 of a torchrun launch prints each epoch's record behind this marker, one JSON object a
+# line: the launching task reads its progress from these lines, not from the log's text.
+EPOCH_LINE_MARKER = "visionpipe-epoch-record "
+
+
+def epoch_line(record: EpochRecord) -> str:
+    """The line rank 0 prints for an epoch (``parse_epoch_line`` reads it back)."""
+    return EPOCH_LINE_MARKER + json.dumps(record)
+
+
+def parse_epoch_line(line: str) -> EpochRecord | None:
+    """The epoch record a worker's line carries, or None for any other line."""
+    if not line.startswith(EPOCH_LINE_MARKER):
+        return None
+    return json.loads(line[len(EPOCH_LINE_MARKER):])  # type: ignore[no-any-return]
+
+
+def should_stop_early(since_best: int, patience: int, epoch: int, epochs: int) -> bool:
+    """Both trainers' early stopping: ``patience`` epochs without a better val top-1, counted
+    only in the second half of the run (or phase), where the rate is low enough for val
+    scores to mean something."""
+    return since_best >= patience and 2 * epoch > epochs
 
 
 def check_batch_size(batch_size: int, train_count: int) -> None:

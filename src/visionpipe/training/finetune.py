@@ -39,6 +39,7 @@ from visionpipe.training.core import (
     epoch_record,
     load_training_data,
     save_progress,
+    should_stop_early,
 )
 from visionpipe.training.loop import (
     apply_fast_path,
@@ -200,8 +201,8 @@ def _run_phase(run: _FinetuneRun, index: int, phase: Phase, resume: dict[str, An
         record = epoch_record(progress.epoch + 1, train_stats, val_stats, phase=phase.name,
                               phase_epoch=phase_epoch)
         improved = progress.end_epoch(record)
-        # Not in the first half of the cosine: its high rate makes val scores noise there.
-        stop = progress.since_best >= cfg.early_stopping_patience and 2 * phase_epoch > phase.epochs
+        stop = should_stop_early(progress.since_best, cfg.early_stopping_patience, phase_epoch,
+                                 phase.epochs)
         save_progress(run.out_dir, model=run.model, optimizer=optimizer, scheduler=scheduler,
                       cfg=cfg, spec=run.spec, progress=progress, phase=phase.name,
                       improved=improved, phase_index=index, phase_epoch=phase_epoch,

@@ -40,9 +40,11 @@ from visionpipe.training.core import (
     check_batch_size,
     check_resumable,
     epoch_callbacks,
+    epoch_line,
     epoch_record,
     load_training_data,
     save_progress,
+    should_stop_early,
 )
 from visionpipe.training.distributed import (
     DistContext,
@@ -180,7 +182,8 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
     progress = trainer.progress
     faults.inject("oom", ctx.rank)  # test hook: an out-of-memory error in the first step
     with StopSignal(ctx) as stop:
-        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        first = cfg.epochs + 1 if progress.stopped_early else progress.epoch + 1
+        for epoch in range(first, cfg.epochs + 1):
             if epoch > 1:
                 faults.inject("die", ctx.rank)  # test hook: a rank lost after a checkpoint
             loader = epoch_batches(epoch)
@@ -195,6 +198,10 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
             train = EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds)
             val = validate(trainer.model, val_batches, criterion, ctx, fast_path)
             _end_epoch(trainer, epoch_record(epoch, train, val, phase="train", phase_epoch=epoch))
+            if progress.stopped_early:
+                log.info("no better val top-1 for %d epochs: stopping after epoch %d of %d",
+                         progress.since_best, epoch, cfg.epochs)
+                break
     return _result(trainer)
 
 
@@ -203,7 +210,7 @@ def _result(trainer: _Trainer) -> TrainResult:
     out_dir, progress, ctx = Path(trainer.job.out_dir), trainer.progress, trainer.ctx
     return TrainResult(best_checkpoint=str(out_dir / "best.pt"), last_checkpoint=str(out_dir / "last.pt"),
                        best_val_top1=progress.best_top1, best_epoch=progress.best_epoch,
-                       epochs_run=trainer.job.config.epochs, spec=trainer.spec,
+                       epochs_run=progress.epoch, spec=trainer.spec,
                        history=progress.history, world_size=ctx.world_size,
                        nnodes=nodes_in_world(), node_index=trainer.job.node_index,
                        rank_weight_digests=gather_strings(weights_digest(trainer.model), ctx),
@@ -302,7 +309,12 @@ def _wrap(model: nn.Module, cfg: GoogLeNetConfig, ctx: DistContext,
 
 
 def _end_epoch(trainer: _Trainer, record: EpochRecord) -> None:
-    improved = trainer.progress.end_epoch(record)
+    progress, cfg = trainer.progress, trainer.job.config
+    improved = progress.end_epoch(record)
+    # Every rank has the same all-reduced record, so all of them stop together; the checkpoint
+    # records it, so a resumed run ends where this one did.
+    progress.stopped_early = should_stop_early(progress.since_best, cfg.early_stopping_patience,
+                                               progress.epoch, cfg.epochs)
     if trainer.ctx.is_main:
         _save_checkpoint(trainer, improved)
     for callback in trainer.on_epoch:  # rank 0 only: the list is empty on the others
@@ -352,6 +364,7 @@ def _log_epoch(cfg: GoogLeNetConfig, ctx: DistContext) -> EpochCallback:
         log.info("epoch %d/%d train loss %.4f top-1 %.3f | val top-1 %.3f (%.0f img/s, world %d)",
                  record["epoch"], cfg.epochs, record["train_loss"], record["train_top1"],
                  record["val_top1"], record["train_images_per_s"], ctx.world_size)
+        print(epoch_line(record), flush=True)  # the task's progress artifact reads this line
     return log_line
 
 
