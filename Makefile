@@ -12,8 +12,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_LOGGING_LEVEL ?= INFO
 export MLFLOW_ENABLE_ASYNC_LOGGING ?= false
-# This machine has 2 cores; more threads than cores only slows torch down.
-export OMP_NUM_THREADS ?= 2
+# One OpenMP thread per core this process may use: more threads than cores only slow torch down.
+export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 
 STAMP := $(VENV)/.installed
 
