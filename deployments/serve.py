@@ -1,9 +1,13 @@
-"""Serve the deployments of ``train-image-classifiers`` and ``score-images`` (``make serve``).
+"""Serve the deployments of ``prefect.yaml`` (``make serve``); ``deployments.deploy`` registers
+the same ones on work pools.
 
-- ``nightly``: 02:00 Europe/Berlin, a production configuration (ImageFolder under s3://,
-  ImageNet weights, ``on_unavailable: fail``); edit ``NIGHTLY`` for your bucket;
-- ``on-demand``: no schedule; the UI's parameter form starts it, with the offline quickstart's
-  parameters as defaults so it runs on any machine;
+``prefect.yaml`` at the repository's root holds each deployment's schedule, parameters, work
+pool and job variables (Prefect's own format, which ``prefect deploy`` reads too); as shipped:
+
+- ``train-image-classifiers/nightly``: 02:00 Europe/Berlin, a production configuration
+  (an ImageFolder under s3://, ImageNet weights, ``on_unavailable: fail``);
+- ``train-image-classifiers/on-demand``: no schedule; the UI's parameter form starts it, with
+  the offline quickstart's parameters as defaults so it runs on any machine;
 - ``score-images/on-demand``: batch scoring with the champion;
 - ``ddp-node/ddp-node``: one node of a multi-node GoogLeNet launch, started by the GoogLeNet
   task once per node (``googlenet.launch.nnodes`` above 1).
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import Flow, serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
@@ -25,19 +31,20 @@ from prefect.schedules import Cron
 from flows.ddp_node import ddp_node
 from flows.score_images import score_images
 from flows.train_image_classifiers import train_image_classifiers
-from visionpipe.config import PipelineConfig, quickstart
+from visionpipe.config import PipelineConfig
 
-NIGHTLY = PipelineConfig.model_validate({
-    "data": {"source": "s3://visionpipe-datasets/digits/", "name": "digits"},
-    "weights": {"uri": "torchvision:resnet50.IMAGENET1K_V2", "on_unavailable": "fail"},
-})
-
+PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 
 ENTRYPOINTS = {
     "train-image-classifiers": "flows/train_image_classifiers.py:train_image_classifiers",
     "score-images": "flows/score_images.py:score_images",
     "ddp-node": "flows/ddp_node.py:ddp_node",
 }
+_FLOW_OF_ENTRYPOINT = {entrypoint: name for name, entrypoint in ENTRYPOINTS.items()}
+
+
+class DeploymentFileError(ValueError):
+    """prefect.yaml names something this project does not have, or a parameter it refuses."""
 
 
 def _flows(source: str | None) -> dict[str, Flow[..., Any]]:
@@ -50,25 +57,51 @@ def _flows(source: str | None) -> dict[str, Flow[..., Any]]:
             for name, entrypoint in ENTRYPOINTS.items()}
 
 
-def deployments(source: str | None = None,
-                only: Sequence[str] = tuple(ENTRYPOINTS)) -> list[RunnerDeployment]:
-    """The deployments of the flows named in ``only`` (all by default)."""
+def load_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
+    """The deployments of ``path``, each checked: a known entrypoint, schedules with a cron and
+    a timezone, and a train-image-classifiers ``config`` that validates as a PipelineConfig
+    (expanded to every field, so that the UI form shows the values the run will use)."""
+    specs = (yaml.safe_load(path.read_text()) or {}).get("deployments") or []
+    checked = []
+    for spec in specs:
+        where = f"{path.name}: deployment {spec.get('name')!r}"
+        entrypoint = spec.get("entrypoint")
+        if entrypoint not in _FLOW_OF_ENTRYPOINT:
+            raise DeploymentFileError(f"{where}: entrypoint {entrypoint!r} is not one of "
+                                      f"{sorted(_FLOW_OF_ENTRYPOINT)}")
+        parameters = dict(spec.get("parameters") or {})
+        if _FLOW_OF_ENTRYPOINT[entrypoint] == "train-image-classifiers":
+            try:
+                config = PipelineConfig.model_validate(parameters.get("config") or {})
+            except ValueError as exc:
+                raise DeploymentFileError(f"{where}: parameters.config is not a valid "
+                                          f"PipelineConfig: {exc}") from exc
+            parameters["config"] = config.model_dump(mode="json")
+        for schedule in spec.get("schedules") or []:
+            if "cron" not in schedule:
+                raise DeploymentFileError(f"{where}: each schedule needs a cron, e.g. "
+                                          "{cron: '0 2 * * *', timezone: Europe/Berlin}")
+        checked.append({**spec, "parameters": parameters})
+    return checked
+
+
+def deployments(source: str | None = None, only: Sequence[str] = tuple(ENTRYPOINTS),
+                path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
+    """The deployments of ``path`` whose flows are named in ``only`` (all by default)."""
     flows = _flows(source)
-    every = [
-        flows["train-image-classifiers"].to_deployment(
-            "nightly", schedule=Cron("0 2 * * *", timezone="Europe/Berlin"),
-            parameters={"config": NIGHTLY.model_dump(mode="json")}, tags=["nightly"],
-            description="Nightly retraining on the production dataset."),
-        flows["train-image-classifiers"].to_deployment(
-            "on-demand", parameters={"config": quickstart().model_dump(mode="json")},
-            tags=["on-demand"], description="Start from the UI; defaults run offline."),
-        flows["score-images"].to_deployment(
-            "on-demand", tags=["scoring"], description="Score an ImageFolder with the champion."),
-        flows["ddp-node"].to_deployment(
-            "ddp-node", tags=["ddp"], description="One node of a multi-node GoogLeNet launch; "
-            "started by train-googlenet, one run per node."),
-    ]
-    return [deployment for deployment in every if deployment.flow_name in only]
+    built = []
+    for spec in load_specs(path):
+        flow_name = _FLOW_OF_ENTRYPOINT[spec["entrypoint"]]
+        if flow_name not in only:
+            continue
+        pool = spec.get("work_pool") or {}
+        built.append(flows[flow_name].to_deployment(
+            spec["name"], description=spec.get("description"), tags=spec.get("tags"),
+            schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC"))
+                       for s in spec.get("schedules") or []],
+            parameters=spec["parameters"] or None, work_pool_name=pool.get("name"),
+            job_variables=pool.get("job_variables") or None))
+    return built
 
 
 def main(argv: list[str]) -> int:

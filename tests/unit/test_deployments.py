@@ -32,6 +32,41 @@ def test_nightly_is_scheduled_in_a_timezone_and_on_demand_runs_offline() -> None
     assert ("score-images", "on-demand") in by_name
 
 
+def test_every_deployment_of_prefect_yaml_validates_and_names_its_work_pool() -> None:
+    from deployments.serve import PREFECT_YAML
+
+    raw = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+    assert len(raw) == len(deployments()) == 4
+    for spec in raw:
+        assert spec["work_pool"]["name"], spec["name"]
+        if spec["entrypoint"].endswith(":train_image_classifiers"):
+            PipelineConfig.model_validate(spec["parameters"]["config"])
+
+
+def test_an_operator_changes_the_nightly_in_yaml_and_a_bad_value_names_the_deployment(
+        tmp_path: Path) -> None:
+    from deployments.serve import PREFECT_YAML, DeploymentFileError
+
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    nightly = spec["deployments"][0]
+    nightly["schedules"] = [{"cron": "30 1 * * 1-5", "timezone": "America/New_York"}]
+    nightly["parameters"]["config"]["data"]["source"] = "/mnt/photos"
+    nightly["work_pool"] = {"name": "gpu-a100", "job_variables": {"env": {"X": "1"}}}
+    edited = tmp_path / "prefect.yaml"
+    edited.write_text(yaml.safe_dump(spec))
+    deployment = deployments(path=edited, only=["train-image-classifiers"])[0]
+    schedule = deployment.schedules[0].schedule
+    assert (schedule.cron, schedule.timezone) == ("30 1 * * 1-5", "America/New_York")
+    config = PipelineConfig.model_validate(deployment.parameters["config"])
+    assert config.data.source == "/mnt/photos" and config.googlenet.epochs == 5  # defaults filled
+    assert deployment.work_pool_name == "gpu-a100" and deployment.job_variables == {"env": {"X": "1"}}
+    nightly["parameters"]["config"]["googlenet"] = {"epochz": 3}
+    edited.write_text(yaml.safe_dump(spec))
+    with pytest.raises(DeploymentFileError, match=r"(?s)deployment .nightly.: parameters.config is "
+                                                  r"not a valid PipelineConfig.*epochz"):
+        deployments(path=edited)
+
+
 # --- Kubernetes pools for multi-node DDP (no server: the files are parsed as they are) ------------
 
 POOLS = Path(__file__).resolve().parents[2] / "deployments" / "pools"
