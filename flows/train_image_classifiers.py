@@ -11,6 +11,7 @@ from prefect.client.schemas.objects import Flow, FlowRun, State
 from tasks.data import log_dataset, prepare_dataset_cached
 from tasks.evaluate import evaluate_candidates
 from tasks.register import register_model
+from tasks.retention import apply_retention
 from tasks.tracking import close_tracking_run, open_tracking_run
 from tasks.timings import record_timings
 from tasks.alongside import start_googlenet, stopped_on_error, train_candidates
@@ -37,6 +38,7 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
     5. evaluate-candidates: the same held-out test split for all
     6. register-model: a version per candidate; the champion alias moves only for a better one
     7. record-timings: wall time per stage, and the share spent outside the training loops
+    8. retention: old flow runs' checkpoints and unused dataset versions go
     """
     fetching = fetch_pretrained_weights.submit(config.weights, config.finetune.arch)
     opening = open_tracking_run.submit(config)
@@ -52,6 +54,7 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
     decision = register_model(candidates, evaluations, dataset, config.registry,
                               config.model_name, context)
     timings = record_timings(candidates, evaluations, context)
+    apply_retention(config.retention, context)
     close_tracking_run(context)
     return PipelineSummary(
         model_name=config.model_name, dataset_version=dataset.version,

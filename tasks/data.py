@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 
 from tasks.common import retry_transient, run_logger
-from visionpipe import tracking
+from visionpipe import retention, tracking
 from visionpipe.config import DataConfig
 from visionpipe.data import PreparedDataset, prepare_dataset, source_fingerprint
 from visionpipe.tracking import TrackingContext
@@ -55,6 +55,9 @@ def log_dataset(dataset: PreparedDataset, context: TrackingContext) -> None:
     tracking.set_tags(context.parent_run_id, {"dataset_version": dataset.version,
                                               "dataset_name": dataset.name})
     tracking.log_artifact(context.parent_run_id, Path(dataset.report_path), "dataset")
+    # Retention keeps this version and this flow run's checkpoints while the run is in progress.
+    retention.mark_dataset_used(dataset.name, dataset.version)
+    retention.mark_run_started(context.flow_run_id, dataset.version)
 
 
 def dataset_report(dataset: PreparedDataset) -> tuple[list[dict[str, str]], str]:

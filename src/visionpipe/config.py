@@ -438,6 +438,21 @@ class RegistryConfig(_Config):
         return alias
 
 
+class RetentionConfig(_Config):
+    """What the state folder keeps after each run (``visionpipe.retention``)."""
+
+    enabled: bool = Field(True, description="Run the retention step at the end of the flow.")
+    keep_flow_runs: int = Field(
+        5, ge=0, description="Checkpoints of this many newest flow runs that ended stay; runs "
+        "in progress always stay.")
+    dataset_max_age_days: float = Field(
+        30, gt=0, description="A dataset version not used for this long goes, unless it is "
+        "the newest of its dataset, a kept flow run's, or a champion's.")
+    abandoned_after_hours: float = Field(
+        48, gt=0, description="A flow run that started this long ago and never finished (its "
+        "process was killed) no longer counts as in progress.")
+
+
 class PipelineConfig(_Config):
     """Parameters of the ``train-image-classifiers`` flow (the Prefect UI form)."""
 
@@ -448,6 +463,7 @@ class PipelineConfig(_Config):
     googlenet: GoogLeNetConfig = Field(default_factory=GoogLeNetConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @model_validator(mode="after")
     def _weights_match_arch(self) -> PipelineConfig:
