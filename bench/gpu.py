@@ -61,7 +61,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from visionpipe.config import FastPathConfig, OptimConfig  # noqa: E402
-from visionpipe.models import build_googlenet, build_resnet  # noqa: E402
+from visionpipe.models import build_googlenet, build_backbone  # noqa: E402
 from visionpipe.training.fastpath import resolve_fast_path  # noqa: E402
 from visionpipe.training.loop import (  # noqa: E402
     apply_fast_path,
@@ -190,7 +190,7 @@ def isolated(build: Callable[[], Callable[[], int]], device: torch.device, round
 
 
 MODELS: dict[str, tuple[Callable[[int, bool], nn.Module], float]] = {
-    "resnet50": (lambda classes, small: build_resnet("resnet50", classes), 0.0),
+    "resnet50": (lambda classes, small: build_backbone("resnet50", classes), 0.0),
     "googlenet": (lambda classes, small: build_googlenet(classes, small_input_stem=small), 0.3),
 }
 

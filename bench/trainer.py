@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from visionpipe.config import DataConfig, FastPathConfig
 from visionpipe.data import build_loader, load_split, normalize, prepare_dataset
-from visionpipe.models import build_googlenet, build_resnet, set_trainable, train_mode
+from visionpipe.models import build_googlenet, build_backbone, set_trainable, train_mode
 from visionpipe.training.fastpath import resolve_fast_path
 from visionpipe.training.loop import apply_fast_path, train_one_epoch, warmup_cosine
 
@@ -149,7 +149,7 @@ def head_cache_speedup(images: torch.Tensor, labels: torch.Tensor, batch: int, r
     from visionpipe.training.core import TrainingData
     from visionpipe.training.finetune import _phase_batches
 
-    model = build_resnet("resnet50", 10)
+    model = build_backbone("resnet50", 10)
     set_trainable(model, ["fc"])
     device = torch.device("cpu")
     timings = {}
@@ -219,16 +219,16 @@ def main() -> int:
         "googlenet_ratio": compare("googlenet", build_googlenet(10, True), images, labels, batch,
                                    rounds, 0.3, frozen_backbone=False),
     }
-    head = build_resnet("resnet50", 10)
+    head = build_backbone("resnet50", 10)
     set_trainable(head, ["fc"])
     figures["head_ratio"] = compare("head", head, images, labels, batch, rounds, 0.0, True)
-    figures["full_ratio"] = compare("full", build_resnet("resnet50", 10), images, labels, batch,
+    figures["full_ratio"] = compare("full", build_backbone("resnet50", 10), images, labels, batch,
                                     rounds, 0.0, False)
     figures["head_cache_speedup"] = head_cache_speedup(images, labels, batch, max(rounds, 3))
     figures["googlenet_channels_last_speedup"] = channels_last_speedup(
         "googlenet", lambda: build_googlenet(10, True), images, labels, batch, rounds, 0.3)
     figures["full_channels_last_speedup"] = channels_last_speedup(
-        "full", lambda: build_resnet("resnet50", 10), images, labels, batch, rounds, 0.0)
+        "full", lambda: build_backbone("resnet50", 10), images, labels, batch, rounds, 0.0)
     if not args.smoke:
         figures.update(whole_run())
     print(json.dumps({k: round(v, 4) for k, v in figures.items()}))

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Arch = Literal["resnet18", "resnet34", "resnet50"]
+from visionpipe.models import HEAD, check_backbone
+
 CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 
@@ -142,7 +143,8 @@ class Phase(_Config):
 
     name: str
     trainable: list[str] = Field(
-        description="Module name prefixes that train; ['*'] unfreezes everything."
+        description="Module name prefixes that train; '@head' is the new classifier whatever "
+        "the model calls it (fc, classifier.1, heads.head...); ['*'] unfreezes everything."
     )
     epochs: int = Field(gt=0)
     lr: float = Field(gt=0, description="Learning rate of the head (modules named by head_modules).")
@@ -157,7 +159,7 @@ def _default_phases() -> list[Phase]:
     # half the head's rate: enough to adapt ImageNet features to small grey digits, or to train
     # a randomly initialised backbone when no weights were reachable (then the head phase is skipped).
     return [
-        Phase(name="head", trainable=["fc"], epochs=2, lr=2e-3),
+        Phase(name="head", trainable=[HEAD], epochs=2, lr=2e-3),
         Phase(name="full", trainable=["*"], epochs=4, lr=2e-3, backbone_lr_fraction=0.5,
               warmup_epochs=0.5),
     ]
@@ -223,7 +225,11 @@ class FastPathConfig(_Config):
 class FinetuneConfig(_Config):
     """Transfer learning of a torchvision backbone with a new head."""
 
-    arch: Arch = "resnet50"
+    arch: str = Field(
+        "resnet50", description="Any torchvision classification model by name "
+        "(torchvision.models.list_models()), e.g. resnet50, efficientnet_b0, convnext_tiny, "
+        "vit_b_16; its classifier (fc, classifier or heads) is replaced by the new head.",
+        examples=["resnet50", "resnet18", "efficientnet_b0", "convnext_tiny", "vit_b_16"])
     phases: list[Phase] = Field(default_factory=_default_phases)
     batch_size: int = Field(64, gt=0)
     optim: OptimConfig = Field(
@@ -253,6 +259,12 @@ class FinetuneConfig(_Config):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fast: FastPathConfig = Field(default_factory=FastPathConfig)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_backbone(cls, arch: str) -> str:
+        check_backbone(arch)
+        return arch
 
     @field_validator("phases")
     @classmethod
@@ -470,6 +482,7 @@ class PipelineConfig(_Config):
         mismatch = weights_arch_mismatch(self.weights.uri, self.finetune.arch)
         if mismatch is not None:
             raise ValueError(mismatch)
+        check_backbone(self.finetune.arch, self.data.image_size)  # a ViT's patches must tile it
         return self
 
     @property

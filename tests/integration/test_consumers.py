@@ -23,7 +23,7 @@ from prefect.testing.utilities import prefect_test_harness
 from visionpipe import registry, settings, tracking
 from visionpipe.config import DataConfig, RegistryConfig
 from visionpipe.data import prepare_dataset
-from visionpipe.models import ModelSpec, build_resnet
+from visionpipe.models import ModelSpec, build_backbone
 from visionpipe.training.checkpoint import save_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,7 +40,7 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, P
     spec = ModelSpec(arch="resnet18", num_classes=10, class_names=dataset.class_names, image_size=32)
     torch.manual_seed(0)
     checkpoint = home / "ck" / "best.pt"
-    save_checkpoint({"model": build_resnet("resnet18", 10).state_dict(), "spec": spec.model_dump_json()},
+    save_checkpoint({"model": build_backbone("resnet18", 10).state_dict(), "spec": spec.model_dump_json()},
                     checkpoint)
     run_id = tracking.start_run(tracking.ensure_experiment("consumers"), "candidate")
     uri = registry.log_pyfunc_model(run_id, checkpoint, home / "export", dataset)

@@ -9,7 +9,11 @@ from visionpipe.config import PipelineConfig, RegistryConfig, mlflow_alias_probl
 
 
 @pytest.mark.parametrize(("patch", "message"), [
-    ({"finetune": {"arch": "vgg11"}}, "resnet18"),
+    ({"finetune": {"arch": "resnet5"}}, "'resnet5' is not a torchvision classification backbone"),
+    ({"finetune": {"arch": "squeezenet1_0"}}, "SqueezeNet has no Linear classifier"),
+    ({"finetune": {"arch": "googlenet"}}, "googlenet.\\* trains GoogLeNet"),
+    ({"finetune": {"arch": "vit_b_16"}, "data": {"image_size": 40},
+      "weights": {"uri": "torchvision:vit_b_16.IMAGENET1K_V1"}}, "must be a multiple of 16, e.g. 32"),
     ({"finetune": {"phases": [{"name": "full", "trainable": ["*"], "epochs": 0, "lr": 0.1}]}},
      "greater than 0"),
     ({"finetune": {"phases": [{"name": "full", "trainable": ["*"], "epochs": 1, "lr": 0.1,
@@ -41,7 +45,8 @@ def test_defaults_and_quickstart() -> None:
 def test_the_form_schema_shows_enums_and_bounds() -> None:
     schema = PipelineConfig.model_json_schema()
     finetune = schema["$defs"]["FinetuneConfig"]["properties"]
-    assert finetune["arch"]["enum"] == ["resnet18", "resnet34", "resnet50"]
+    # Any torchvision model by name: a text field with examples, checked when submitted.
+    assert finetune["arch"]["default"] == "resnet50" and "vit_b_16" in finetune["arch"]["examples"]
     assert schema["$defs"]["Phase"]["properties"]["epochs"]["exclusiveMinimum"] == 0
 
 

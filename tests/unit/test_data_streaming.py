@@ -22,7 +22,7 @@ from visionpipe.data.streaming import (
     decoded_bytes,
     device_decodable,
 )
-from visionpipe.models import build_resnet
+from visionpipe.models import build_backbone
 from visionpipe.training.checkpoint import load_checkpoint
 from visionpipe.training.fastpath import resolve_fast_path, wants_streaming
 
@@ -71,7 +71,7 @@ def test_a_streamed_finetune_ends_with_the_weights_of_the_in_memory_one(
 
     torch.manual_seed(1)
     weights = tmp_path / "w.pth"
-    torch.save(build_resnet("resnet18", 1000).state_dict(), weights)
+    torch.save(build_backbone("resnet18", 1000).state_dict(), weights)
     states = []
     for streaming in (False, True):
         cfg = FinetuneConfig(arch="resnet18", batch_size=16, augment=False,

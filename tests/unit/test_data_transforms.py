@@ -23,7 +23,7 @@ from visionpipe.data.prepare import PreparedDataset, prepare_dataset
 from visionpipe.data.prepared import copy_path, ensure_prepared_copy, verify_copy
 from visionpipe.data.synthetic import CLASS_NAMES, make_photo_folder
 from visionpipe.data.transforms import BatchMix, choose_recipe, training_is_deterministic
-from visionpipe.models import ModelSpec, build_model, build_resnet
+from visionpipe.models import ModelSpec, build_model, build_backbone
 from visionpipe.serving import ImageClassifier
 from visionpipe.training.finetune import finetune
 from visionpipe.training.loop import train_one_epoch
@@ -196,7 +196,7 @@ def test_frozen_features_are_cached_only_for_a_deterministic_training_transform(
 def test_a_photo_fine_tune_trains_on_mixed_crops_and_records_the_recipe(
         photos: PreparedDataset, tmp_path: Path) -> None:
     torch.manual_seed(1)
-    torch.save(build_resnet("resnet18", 1000).state_dict(), tmp_path / "w.pth")
+    torch.save(build_backbone("resnet18", 1000).state_dict(), tmp_path / "w.pth")
     cfg = FinetuneConfig(
         arch="resnet18", batch_size=8, fast=FastPathConfig(num_workers=0),
         photo=PhotoAugmentConfig(mixup_alpha=0.2, cutmix_alpha=1.0),

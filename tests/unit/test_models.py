@@ -11,7 +11,7 @@ from visionpipe.models import (
     ModelSpec,
     build_googlenet,
     build_model,
-    build_resnet,
+    build_backbone,
     load_backbone,
     param_groups,
     set_trainable,
@@ -22,7 +22,7 @@ from visionpipe.models import (
 
 def test_head_only_phase_changes_no_backbone_parameter_or_running_statistic() -> None:
     torch.manual_seed(0)
-    model = build_resnet("resnet18", 4)
+    model = build_backbone("resnet18", 4)
     set_trainable(model, ["fc"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
@@ -39,7 +39,7 @@ def test_head_only_phase_changes_no_backbone_parameter_or_running_statistic() ->
 
 
 def test_set_trainable_really_freezes_and_rejects_unknown_modules() -> None:
-    model = build_resnet("resnet18", 3)
+    model = build_backbone("resnet18", 3)
     names = set_trainable(model, ["fc"])
     assert names == ["fc.weight", "fc.bias"]
     assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("fc."))
@@ -51,7 +51,7 @@ def test_set_trainable_really_freezes_and_rejects_unknown_modules() -> None:
 
 
 def test_new_head_is_a_plain_linear_so_logits_can_be_negative() -> None:
-    model = build_resnet("resnet50", 7).eval()
+    model = build_backbone("resnet50", 7).eval()
     assert isinstance(model.fc, nn.Linear) and model.fc.out_features == 7
     with torch.no_grad():
         logits = model(torch.randn(3, 3, 32, 32))
@@ -60,7 +60,7 @@ def test_new_head_is_a_plain_linear_so_logits_can_be_negative() -> None:
 
 
 def test_a_short_last_batch_runs_through_both_architectures() -> None:
-    for model in (build_resnet("resnet18", 5), strip_aux_heads(build_googlenet(5, True))):
+    for model in (build_backbone("resnet18", 5), strip_aux_heads(build_googlenet(5, True))):
         model.eval()
         with torch.no_grad():
             assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
@@ -68,9 +68,9 @@ def test_a_short_last_batch_runs_through_both_architectures() -> None:
 
 
 def test_param_groups_give_the_backbone_a_fraction_of_the_head_rate() -> None:
-    model = build_resnet("resnet18", 3)
+    model = build_backbone("resnet18", 3)
     set_trainable(model, ["*"])
-    groups = param_groups(model, "resnet18", lr=0.1, backbone_lr_fraction=0.25)
+    groups = param_groups(model, lr=0.1, backbone_lr_fraction=0.25)
     by_name = {g["name"]: g for g in groups}
     assert by_name["head"]["lr"] == 0.1 and by_name["backbone"]["lr"] == pytest.approx(0.025)
     assert len(by_name["head"]["params"]) == 2  # type: ignore[arg-type]
@@ -78,9 +78,9 @@ def test_param_groups_give_the_backbone_a_fraction_of_the_head_rate() -> None:
 
 def test_load_backbone_takes_imagenet_weights_but_keeps_the_new_head() -> None:
     source = torchvision.models.resnet18(weights=None).state_dict()  # 1000-way fc
-    model = build_resnet("resnet18", 3)
+    model = build_backbone("resnet18", 3)
     head = model.fc.weight.clone()
-    load_backbone(model, source, "resnet18")
+    load_backbone(model, source)
     assert torch.equal(model.conv1.weight, source["conv1.weight"])
     assert torch.equal(model.fc.weight, head) and model.fc.out_features == 3
 
@@ -106,3 +106,40 @@ def test_googlenet_has_auxiliary_outputs_only_in_training() -> None:
     exported = build_model(ModelSpec(arch="googlenet", num_classes=4, class_names=list("abcd"),
                                      image_size=32, small_input_stem=True))
     assert exported.aux1 is None and exported.aux2 is None
+
+
+@pytest.mark.parametrize(("arch", "head"), [
+    ("resnet18", "fc"), ("efficientnet_b0", "classifier.1"), ("convnext_tiny", "classifier.2"),
+    ("vit_b_16", "heads.head")])
+def test_any_torchvision_backbone_gets_a_new_head_where_it_keeps_its_classifier(
+        arch: str, head: str) -> None:
+    from visionpipe.models import HEAD, backbone_frozen, backbone_state, head_modules
+    from visionpipe.weights import check_state_dict_keys
+
+    torch.manual_seed(0)
+    model = build_backbone(arch, 3, image_size=32)
+    assert head_modules(model) == (head,)
+    new_head = model.get_submodule(head)
+    assert isinstance(new_head, nn.Linear) and new_head.out_features == 3
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    # ImageNet's weights (a ViT's at 224 px, its position embedding interpolated to 32 px).
+    imagenet = torchvision.models.get_model(arch).state_dict()
+    backbone = backbone_state(model, imagenet)
+    check_state_dict_keys(model, backbone, ignore_prefixes=[f"{head}."])
+    model.load_state_dict(backbone, strict=False)
+    some = next(k for k in backbone if not k.startswith(head) and backbone[k].dim() > 1
+                and "pos_embedding" not in k)
+    torch.testing.assert_close(model.state_dict()[some], imagenet[some])
+    names = set_trainable(model, [HEAD])
+    assert names == [f"{head}.weight", f"{head}.bias"] and backbone_frozen(model)
+    assert build_model(ModelSpec(arch=arch, num_classes=3, class_names=list("abc"),
+                                 image_size=32)).get_submodule(head).out_features == 3
+
+
+def test_a_random_init_starts_every_residual_branch_at_zero() -> None:
+    from visionpipe.models import build_backbone
+
+    model = build_backbone("resnet50", 3, zero_init_residual=True)
+    last_norms = [block.bn3.weight for layer in (model.layer1, model.layer4) for block in layer]
+    assert all(float(w.abs().sum()) == 0 for w in last_norms)
+    assert float(build_backbone("resnet50", 3).layer1[0].bn3.weight.abs().sum()) > 0

@@ -12,7 +12,7 @@ from torch import nn
 
 from visionpipe.config import DataConfig, FinetuneConfig, Phase
 from visionpipe.data import PreparedDataset, prepare_dataset
-from visionpipe.models import build_resnet
+from visionpipe.models import build_backbone
 from visionpipe.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from visionpipe.training.core import check_batch_size
 from visionpipe.training.fastpath import resolve_fast_path
@@ -79,7 +79,7 @@ def tiny_digits(vp_home: Path) -> PreparedDataset:
 def _random_weights(tmp_path: Path) -> Path:
     torch.manual_seed(1)
     path = tmp_path / "w.pth"
-    torch.save(build_resnet("resnet18", 1000).state_dict(), path)
+    torch.save(build_backbone("resnet18", 1000).state_dict(), path)
     return path
 
 
@@ -115,6 +115,30 @@ def test_cached_features_train_the_same_head_as_forwarding_the_frozen_backbone(
     for key in ("fc.weight", "fc.bias"):
         torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-4, atol=1e-5)
     assert torch.equal(heads[0]["layer1.0.bn1.running_mean"], heads[1]["layer1.0.bn1.running_mean"])
+
+
+def test_an_efficientnet_fine_tunes_with_cached_features_under_its_own_classifier(
+    tiny_digits: PreparedDataset, tmp_path: Path
+) -> None:
+    import torchvision
+
+    from visionpipe.models import HEAD
+
+    torch.manual_seed(1)
+    weights = tmp_path / "efficientnet.pth"
+    torch.save(torchvision.models.get_model("efficientnet_b0").state_dict(), weights)
+    heads = []
+    for cached in (True, False):
+        cfg = FinetuneConfig(arch="efficientnet_b0", batch_size=16, cache_frozen_features=cached,
+                             phases=[Phase(name="head", trainable=[HEAD], epochs=2, lr=0.05)])
+        result = finetune(cfg, tiny_digits, weights, tmp_path / f"out-{cached}")
+        assert result.epochs_run == 2
+        heads.append(load_checkpoint(Path(result.last_checkpoint))["model"])
+    # The head is classifier.1; the cached features are the input of that Linear.
+    for key in ("classifier.1.weight", "classifier.1.bias"):
+        torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-4, atol=1e-5)
+    key = "features.1.0.block.0.0.weight"
+    torch.testing.assert_close(heads[0][key], torch.load(weights, weights_only=True)[key])
 
 
 def test_auxiliary_losses_count_with_their_weight_in_training() -> None:
@@ -176,19 +200,20 @@ def test_googlenet_stops_early_in_its_second_half_and_a_resume_ends_there_too(
     # A validation score that never improves after the first epoch.
     monkeypatch.setattr(worker, "validate", lambda *a, **k: EpochStats(50.0, 50, 100, 0.1))
     digits = prepare_dataset(DataConfig(max_per_class=6, image_size=16))
-    cfg = GoogLeNetConfig(epochs=6, batch_size=16, early_stopping_patience=2)
+    cfg = GoogLeNetConfig(epochs=10, batch_size=16, early_stopping_patience=2)
     job = WorkerJob(config=cfg, dataset=digits, out_dir=str(tmp_path),
                     result_path=str(tmp_path / "result.json"))
     (tmp_path / "job.json").write_text(job.model_dump_json())
     assert worker.main([str(tmp_path / "job.json")]) == 0
     result = TrainResult.model_validate_json((tmp_path / "result.json").read_text())
-    # Epochs 2 and 3 without a better score fall in the first half; epoch 4 is the third.
-    assert result.epochs_run == 4 and len(result.history) == 4 and result.best_epoch == 1
+    # The first half's epochs may be neither the best nor stop the run: epoch 6 is the first
+    # that can be the best, and epochs 7 and 8 without a better score stop it.
+    assert result.epochs_run == 8 and len(result.history) == 8 and result.best_epoch == 6
     records = [parse_epoch_line(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["epoch"] for r in records if r is not None] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in records if r is not None] == list(range(1, 9))
     assert worker.main([str(tmp_path / "job.json")]) == 0  # a retried task resumes: no epoch more
     again = TrainResult.model_validate_json((tmp_path / "result.json").read_text())
-    assert again.epochs_run == 4 and again.history == result.history
+    assert again.epochs_run == 8 and again.history == result.history
     assert not [line for line in capsys.readouterr().out.splitlines() if parse_epoch_line(line)]
 
 

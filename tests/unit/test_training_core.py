@@ -20,6 +20,7 @@ from visionpipe.training.core import (
     Shard,
     TrainingData,
     check_resumable,
+    in_second_half,
     epoch_callbacks,
     epoch_record,
     load_training_data,
@@ -95,6 +96,16 @@ def test_resume_is_refused_under_another_training_config_with_one_message(tmp_pa
     saved["config"] = finetune.model_dump_json()
     with pytest.raises(ValueError, match="another finetune config"):
         check_resumable(saved, finetune.model_copy(update={"seed": finetune.seed + 1}))
+
+
+def test_only_an_epoch_of_the_second_half_can_be_the_best() -> None:
+    progress = Progress()
+    assert not progress.end_epoch(_record(1, 0.9), eligible=in_second_half(1, 4))
+    assert not progress.end_epoch(_record(2, 0.8), eligible=in_second_half(2, 4))
+    assert progress.since_best == 2 and progress.best_epoch == 0
+    assert progress.end_epoch(_record(3, 0.3), eligible=in_second_half(3, 4)), "the first eligible"
+    assert progress.best_epoch == 3 and progress.best_top1 == 0.3
+    assert in_second_half(1, 1) and not in_second_half(2, 5) and in_second_half(3, 5)
 
 
 def test_a_checkpoint_of_an_older_visionpipe_is_refused_with_the_fix_and_kept(tmp_path: Path) -> None:

@@ -18,10 +18,10 @@ from visionpipe.data.loading import training_batches
 from visionpipe.data.transforms import training_is_deterministic
 from visionpipe.models import (
     ModelSpec,
-    build_resnet,
+    backbone_frozen,
+    backbone_state,
+    build_backbone,
     head_modules,
-    is_frozen_module,
-    load_backbone,
     param_groups,
     set_trainable,
     train_mode,
@@ -38,6 +38,7 @@ from visionpipe.training.core import (
     epoch_callbacks,
     epoch_record,
     load_training_data,
+    in_second_half,
     save_progress,
     should_stop_early,
 )
@@ -99,10 +100,10 @@ def finetune(
                                   grad_accumulation=cfg.grad_accumulation)
     data = load_training_data(dataset, cfg.fast, device, fast_path, cfg.photo)
     check_batch_size(cfg.batch_size, data.count("train"))
-    model = build_resnet(cfg.arch, dataset.num_classes)
-    state = load_state_dict_file(weights_path, weights_sha256)
-    check_state_dict_keys(model, state, ignore_prefixes=[f"{h}." for h in head_modules(cfg.arch)])
-    load_backbone(model, state, cfg.arch)
+    model = build_backbone(cfg.arch, dataset.num_classes, dataset.image_size)
+    backbone = backbone_state(model, load_state_dict_file(weights_path, weights_sha256))
+    check_state_dict_keys(model, backbone, ignore_prefixes=[f"{h}." for h in head_modules(model)])
+    model.load_state_dict(backbone, strict=False)
     spec = ModelSpec(arch=cfg.arch, num_classes=dataset.num_classes,
                      class_names=dataset.class_names, image_size=dataset.image_size,
                      recipe=dataset.recipe, resize_size=dataset.resize_size)
@@ -177,7 +178,7 @@ def _run_phase(run: _FinetuneRun, index: int, phase: Phase, resume: dict[str, An
     trainable = set_trainable(model, phase.trainable)
     log.info("phase %s: %d trainable tensors", phase.name, len(trainable))
     optimizer = build_optimizer(
-        param_groups(model, cfg.arch, phase.lr, phase.backbone_lr_fraction), cfg.optim, run.device
+        param_groups(model, phase.lr, phase.backbone_lr_fraction), cfg.optim, run.device
     )
     steps = math.ceil(training_batches(run.data.count("train"), cfg.batch_size) / cfg.grad_accumulation)
     total = phase.epochs * steps
@@ -200,7 +201,7 @@ def _run_phase(run: _FinetuneRun, index: int, phase: Phase, resume: dict[str, An
         val_stats = evaluate(batches.val_model, batches.val, criterion, run.device, run.fast_path)
         record = epoch_record(progress.epoch + 1, train_stats, val_stats, phase=phase.name,
                               phase_epoch=phase_epoch)
-        improved = progress.end_epoch(record)
+        improved = progress.end_epoch(record, eligible=in_second_half(phase_epoch, phase.epochs))
         stop = should_stop_early(progress.since_best, cfg.early_stopping_patience, phase_epoch,
                                  phase.epochs)
         save_progress(run.out_dir, model=run.model, optimizer=optimizer, scheduler=scheduler,
@@ -231,13 +232,9 @@ def _phase_batches(model: nn.Module, cfg: FinetuneConfig, data: TrainingData,
     A frozen backbone in eval mode is a fixed function: its features are computed once and the
     head trains on them, which gives the same head as forwarding the backbone every epoch.
     """
-    heads = head_modules(cfg.arch)
-    backbone_frozen = all(
-        is_frozen_module(m) for n, m in model.named_children() if n not in heads and list(m.parameters())
-    )
     recipe = data.dataset.recipe if data.dataset is not None else "small"
     deterministic = training_is_deterministic(recipe, cfg.augment)
-    if backbone_frozen and cfg.cache_frozen_features and deterministic and heads == ("fc",):
+    if backbone_frozen(model) and cfg.cache_frozen_features and deterministic:
         return _feature_batches(model, cfg, data, device)
 
     def train(epoch: int) -> Batches:
@@ -250,13 +247,14 @@ def _phase_batches(model: nn.Module, cfg: FinetuneConfig, data: TrainingData,
 
 def _feature_batches(model: nn.Module, cfg: FinetuneConfig, data: TrainingData,
                      device: torch.device) -> _Batches:
-    head: nn.Module = model.fc  # type: ignore[assignment]
-    model.fc = nn.Identity()
+    (name,) = head_modules(model)  # the classifier Linear; its input is the feature vector
+    head = model.get_submodule(name)
+    model.set_submodule(name, nn.Identity())
     try:
         train_x, train_y = _features(model, data, "train", cfg.batch_size, device)  # N x dim
         val_x, val_y = _features(model, data, "val", cfg.batch_size, device)
     finally:
-        model.fc = head
+        model.set_submodule(name, head)
 
     def train(epoch: int) -> Batches:
         # The same order as the image batches of this epoch (BatchIterator's first shuffle).

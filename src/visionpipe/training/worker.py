@@ -42,6 +42,7 @@ from visionpipe.training.core import (
     epoch_callbacks,
     epoch_line,
     epoch_record,
+    in_second_half,
     load_training_data,
     save_progress,
     should_stop_early,
@@ -310,7 +311,7 @@ def _wrap(model: nn.Module, cfg: GoogLeNetConfig, ctx: DistContext,
 
 def _end_epoch(trainer: _Trainer, record: EpochRecord) -> None:
     progress, cfg = trainer.progress, trainer.job.config
-    improved = progress.end_epoch(record)
+    improved = progress.end_epoch(record, eligible=in_second_half(int(record["epoch"]), cfg.epochs))
     # Every rank has the same all-reduced record, so all of them stop together; the checkpoint
     # records it, so a resumed run ends where this one did.
     progress.stopped_early = should_stop_early(progress.since_best, cfg.early_stopping_patience,

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torchvision
 
 from visionpipe.digests import file_sha256
+from visionpipe.models import build_backbone
 from visionpipe.redaction import redact
 from visionpipe.weights.cache import FetchedWeights
 from visionpipe.errors import WeightsError
@@ -29,7 +29,9 @@ def random_init(arch: str, cache: Path, reason: str) -> FetchedWeights:
         # fork_rng leaves the caller's random stream as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = torchvision.models.get_model(arch, weights=None)
+            # Residual branches start at zero (Goyal et al. 2017): from scratch a deep ResNet
+            # then trains as a shallow one first (docs/photo-accuracy.md).
+            model = build_backbone(arch, 1000, zero_init_residual=True)
     except ValueError as exc:
         raise WeightsError(f"cannot build {arch!r} for random init: {exc}") from exc
     fd, name = tempfile.mkstemp(dir=cache, prefix=".partial-", suffix=".pth")
