@@ -321,3 +321,61 @@ def test_dataset_names_are_safe_folder_names() -> None:
     assert safe_name("../../etc") == "etc"
     with pytest.raises(DatasetError):
         safe_name("..")
+
+
+def _cifar10_archive(train_per_class: int, test_per_class: int) -> tuple[bytes, dict[str, str]]:
+    """A small CIFAR-10 in torchvision's own format (pickled batches in a tar.gz) and the md5
+    of each file, as torchvision checks them."""
+    import hashlib
+    import io
+    import pickle
+    import tarfile
+
+    rng = np.random.default_rng(0)
+    files: dict[str, bytes] = {}
+    for name, per_class in (("data_batch_1", train_per_class), ("test_batch", test_per_class)):
+        labels = [c for c in range(10) for _ in range(per_class)]
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        files[name] = pickle.dumps({"data": data, "labels": labels})
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    files["batches.meta"] = pickle.dumps({"label_names": names})
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    md5 = {name: hashlib.md5(body).hexdigest() for name, body in files.items()}  # noqa: S324
+    archive = buffer.getvalue()
+    md5["archive"] = hashlib.md5(archive).hexdigest()  # noqa: S324 - torchvision's own check
+    return archive, md5
+
+
+def test_cifar10_is_downloaded_and_keeps_its_official_test_split(
+        vp_home: Path, http_server: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's CIFAR-10 code path, against a local server holding a CIFAR-10 in its format
+    (with the hashes of those files): the official test set is the test split."""
+    from torchvision.datasets import CIFAR10
+
+    archive, md5 = _cifar10_archive(train_per_class=10, test_per_class=3)
+    url = http_server.serve("/cifar-10-python.tar.gz", archive)  # type: ignore[attr-defined]
+    monkeypatch.setattr(CIFAR10, "url", url)
+    monkeypatch.setattr(CIFAR10, "tgz_md5", md5["archive"])
+    monkeypatch.setattr(CIFAR10, "train_list", [["data_batch_1", md5["data_batch_1"]]])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
+                                          "md5": md5["batches.meta"]})
+    prepared = prepare_dataset(DataConfig(source="cifar10"))
+    manifest = read_manifest(prepared.manifest_path)
+    test = manifest[manifest["split"] == "test"]
+    assert len(test) == 30 and test["path"].str.contains("/test_").all()
+    assert not manifest[manifest["split"] != "test"]["path"].str.contains("/test_").any()
+    assert prepared.split_counts == {"train": 80, "val": 20, "test": 30}  # 10 train files a class
+    assert prepared.class_names[0] == "airplane" and prepared.num_classes == 10
+    fetched = http_server.hits["/cifar-10-python.tar.gz"]  # type: ignore[attr-defined]
+    assert fetched >= 1  # torchvision's redirect probe may ask once more
+    # Another seed moves images between train and val, never into or out of test; the files
+    # written the first time are reused, nothing is downloaded again.
+    other = read_manifest(prepare_dataset(DataConfig(source="cifar10", seed=7)).manifest_path)
+    assert set(other[other["split"] == "test"]["path"]) == set(test["path"])
+    assert http_server.hits["/cifar-10-python.tar.gz"] == fetched  # type: ignore[attr-defined]

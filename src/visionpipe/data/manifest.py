@@ -9,7 +9,7 @@ import math
 import os
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,16 @@ _SCHEMA = "visionpipe-manifest/1"  # bump when the meaning of a column changes
 
 
 def build_manifest(
-    records: Sequence[ImageRecord], seed: int, val_fraction: float, test_fraction: float
+    records: Sequence[ImageRecord], seed: int, val_fraction: float, test_fraction: float,
+    official_test: Callable[[str], bool] | None = None,
 ) -> pd.DataFrame:
     """Label records (classes sorted by name -> 0..K-1) and split each class by the seed.
 
     See :func:`split_class`: each class is split on its own (stratified), and an image's split
     depends on its content, its class and the seed, so a new dataset version that adds or
-    removes a few images keeps every other image in the split it had.
+    removes a few images keeps every other image in the split it had. A source with an official
+    test set (CIFAR-10) names its files with ``official_test``: those are the test split,
+    and only the rest is split into train and val.
     """
     by_class: dict[str, list[ImageRecord]] = defaultdict(list)
     for record in sorted(records, key=lambda r: r.relpath):
@@ -44,7 +47,10 @@ def build_manifest(
     rows: list[dict[str, Any]] = []
     for label, name in enumerate(sorted(by_class)):
         group = by_class[name]
-        splits = split_class(name, group, seed, val_fraction, test_fraction)
+        if official_test is None:
+            splits = split_class(name, group, seed, val_fraction, test_fraction)
+        else:
+            splits = _split_around_official_test(name, group, seed, val_fraction, official_test)
         rows += [{"path": r.relpath, "source": r.source, "label": label, "class_name": name,
                   "split": split, "sha256": r.sha256, "width": r.width, "height": r.height}
                  for r, split in zip(group, splits, strict=True)]
@@ -81,6 +87,24 @@ def split_class(
         elif rank < n_test + n_val:
             names[index] = "val"
     return names
+
+
+def _split_around_official_test(class_name: str, records: Sequence[ImageRecord], seed: int,
+                                val_fraction: float, official_test: Callable[[str], bool]) -> list[str]:
+    """The official test files are test; the others are split into train and val by the seed."""
+    tests = [official_test(r.relpath) for r in records]
+    rest = [r for r, test in zip(records, tests, strict=True) if not test]
+    if not any(tests) or len(rest) < 2:
+        raise DatasetError(
+            f"class {class_name!r} has {sum(tests)} images of the official test set and "
+            f"{len(rest)} others: it needs one test image and two others at least. Fix: raise "
+            "data.max_per_class (it samples the official train and test files alike).")
+    n_val = _split_size(len(rest), val_fraction)
+    order = sorted(range(len(rest)), key=lambda i: (_split_key(seed, class_name, rest[i].sha256),
+                                                    rest[i].relpath))
+    val = {id(rest[i]) for i in order[:min(n_val, len(rest) - 1)]}
+    return ["test" if test else "val" if id(r) in val else "train"
+            for r, test in zip(records, tests, strict=True)]
 
 
 def _split_size(n: int, fraction: float) -> int:

@@ -16,7 +16,7 @@ from visionpipe.config import DataConfig
 from visionpipe.errors import DatasetError
 from visionpipe.data.manifest import SPLITS, build_manifest, dataset_version, write_manifest
 from visionpipe.data.prepared import ensure_prepared_copy
-from visionpipe.data.sources import listing_fingerprint, materialize_source
+from visionpipe.data.sources import listing_fingerprint, materialize_source, official_test_split
 from visionpipe.data.transforms import choose_recipe
 from visionpipe.data.validate import ValidationReport, validate_images
 from visionpipe.settings import cache_dir
@@ -63,7 +63,8 @@ def prepare_dataset(cfg: DataConfig) -> PreparedDataset:
     records, validation = validate_images(materialized, cfg.min_per_class)
     recipe = choose_recipe(cfg.recipe, cfg.image_size, [r.width for r in records],
                            [r.height for r in records])
-    manifest = build_manifest(records, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    manifest = build_manifest(records, cfg.seed, cfg.val_fraction, cfg.test_fraction,
+                              official_test=official_test_split(cfg.source))
     version = dataset_version(manifest)
     split_counts = {split: int((manifest["split"] == split).sum()) for split in SPLITS}
     report = _report(cfg, name, version, str(materialized.root), validation, manifest)

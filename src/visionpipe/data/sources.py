@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -199,6 +199,14 @@ def _write_digits(root: Path) -> None:
         path = root / str(int(target)) / f"{index:04d}.png"
         if not path.exists():
             _write_png(Image.fromarray(image), path)
+
+
+def official_test_split(source: str) -> Callable[[str], bool] | None:
+    """Which files of ``source`` form its official test set (a manifest path in, yes or no);
+    None for a source without one. CIFAR-10's test files are written as ``test_<index>.png``."""
+    if source_kind(source) == "cifar10":
+        return lambda relpath: relpath.rsplit("/", 1)[-1].startswith("test_")
+    return None
 
 
 def _write_cifar10(root: Path) -> None:
