@@ -32,6 +32,20 @@ TINY = {
 }
 
 
+async def _progress(flow_run_id: str, key: str) -> float:
+    """The last value of the run's progress artifact ``key``."""
+    async with get_client() as client:
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+            ArtifactFilterKey,
+        )
+        (artifact,) = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            key=ArtifactFilterKey(any_=[key])))
+    return float(artifact.data)  # type: ignore[arg-type]
+
+
 async def _artifact_keys(flow_run_id: str) -> set[str]:
     async with get_client() as client:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -71,7 +85,9 @@ def test_flow_trains_both_candidates_registers_them_and_caches_its_inputs(
     flow_run_id = str(state.state_details.flow_run_id)
     keys = asyncio.run(_artifact_keys(flow_run_id))
     assert {"candidate-metrics", "candidate-comparison", "champion-decision",
-            "weights-random-init", "dataset-report", "stage-timings"} <= keys
+            "weights-random-init", "dataset-report", "stage-timings", "retention",
+            "finetune-resnet18-progress", "scratch-googlenet-progress"} <= keys
+    assert asyncio.run(_progress(flow_run_id, "scratch-googlenet-progress")) == 100.0
     timings = summary.timings
     assert timings is not None and 0 < timings.loop_seconds < timings.flow_seconds
     assert {"prepare-dataset", "train-googlenet", "register-model"} <= timings.stages.keys()
