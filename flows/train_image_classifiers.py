@@ -50,7 +50,7 @@ def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> Pipeli
         # Fetched again if the cached file is gone or the cached result is a random init.
         weights = fetch_pretrained_weights_cached(config.weights, config.finetune.arch, fetching)
     candidates = train_candidates(config.finetune, dataset, weights, context, alongside=googlenet)
-    evaluations = evaluate_candidates(candidates, dataset, config.evaluation, context)
+    evaluations = evaluate_candidates(candidates, dataset, config.evaluation, context, weights)
     decision = register_model(candidates, evaluations, dataset, config.registry,
                               config.model_name, context)
     timings = record_timings(candidates, evaluations, context)

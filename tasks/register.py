@@ -38,6 +38,11 @@ def register_model(candidates: list[Candidate], evaluations: list[Evaluation],
     best, random_init = choose_for_gate(candidates, registrations, scores, cfg)
     decision = registry.gate_champion(best, dataset, cfg, random_init=random_init)
     run_logger().info("champion gate: %s", decision.reason)
+    lineages = {c.name: c.lineage for c in candidates}
+    for registration in registrations:
+        registry.describe_version(model_name, registration.version, registry.model_card(
+            registration, scores[registration.candidate], dataset,
+            lineages[registration.candidate], decision))
     tracking.set_tags(context.parent_run_id, {"gate_decision": decision.reason,
                                               "candidate_version": decision.candidate_version})
     create_markdown_artifact(key="champion-decision", markdown=decision_markdown(decision, model_name),

@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import retry_transient
 from visionpipe import faults, tracking
-from visionpipe.scoring import ScoringSummary, score_images
+from visionpipe.scoring import ScoringSummary, report_markdown, score_images
 
 
 @task(name="score-images", retries=3, retry_delay_seconds=[5, 30, 120],
@@ -34,11 +34,6 @@ def record_scoring(summary: ScoringSummary, experiment: str) -> str:
     tracking.log_metrics(run_id, metrics)
     tracking.end_run(run_id)
     faults.inject("raise", "record-scoring")  # test hook: a failure once the run is complete
-    lines = [f"# Scored {summary.images} images with `{summary.model_uri}`", "",
-             f"- source: `{summary.source}`", f"- predictions: `{summary.output}`",
-             f"- unreadable: {summary.unreadable}", f"- mean probability: {summary.mean_probability:.3f}",
-             "", "| class | images |", "|---|---|"]
-    lines += [f"| {name} | {count} |" for name, count in sorted(summary.predicted.items())]
-    create_markdown_artifact(key="scoring-summary", markdown="\n".join(lines),
+    create_markdown_artifact(key="scoring-summary", markdown=report_markdown(summary),
                              description=f"{summary.images} images scored")
     return run_id

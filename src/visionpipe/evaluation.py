@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import torch
 from pydantic import BaseModel
 from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
+from visionpipe import figures
 from visionpipe.config import FastPathConfig
 from visionpipe.data import PreparedDataset, build_loader, load_split
 from visionpipe.models import ModelSpec, build_model, inference_weights
@@ -32,6 +34,10 @@ class Evaluation(BaseModel):
     confusion_csv: str
     confusion_png: str
     report_json: str
+    # Pictures of the same evaluation: per-class bars, the most confident errors, training
+    # curves (when the history is given), each a PNG path.
+    figures: dict[str, str] = {}
+    errors_shown: int = 0  # images in the most-confident-errors grid
 
 
 def load_trained_model(checkpoint: Path) -> tuple[torch.nn.Module, ModelSpec]:
@@ -69,15 +75,17 @@ def classification_metrics(
 
 def evaluate_checkpoint(
     candidate: str, checkpoint: Path, dataset: PreparedDataset, batch_size: int, out_dir: Path,
-    device: str = "auto",
+    device: str = "auto", history: list[dict[str, Any]] | None = None,
 ) -> Evaluation:
-    """Score ``checkpoint`` on ``dataset``'s test split and write CSV, PNG and JSON reports."""
+    """Score ``checkpoint`` on ``dataset``'s test split and write CSV, PNG and JSON reports,
+    and the pictures of the same numbers (training curves too, given the run's ``history``)."""
     dev = pick_device(device)
     model, spec = load_trained_model(checkpoint)
     # Scored in float32 (no bf16 autocast), in the device's memory format for convolutions.
     fast = resolve_fast_path(FastPathConfig(autocast_bf16=False, compile=False), dev.type)
     model = apply_fast_path(model.to(dev), fast)
-    loader = build_loader(*load_split(dataset, "test"), batch_size=batch_size, shuffle=False,
+    images, targets = load_split(dataset, "test")  # N x 3 x S x S uint8, as the model sees them
+    loader = build_loader(images, targets, batch_size=batch_size, shuffle=False,
                           augment=False, seed=0)
     start = time.perf_counter()
     logits, labels = predict_logits(model, loader, dev, fast)
@@ -90,8 +98,29 @@ def evaluate_checkpoint(
     csv_path, png_path = _write_confusion(matrix, spec.class_names, candidate, out_dir)
     report = out_dir / f"{candidate}-metrics.json"
     report.write_text(json.dumps({"metrics": metrics, "per_class": per_class}, indent=2))
+    pictures = {"per_class": figures.per_class_bars(
+        per_class, f"{candidate}: per class on the test split", out_dir / f"{candidate}-per-class.png")}
+    probabilities = torch.softmax(logits, dim=1)
+    errors_shown = min(16, int((probabilities.argmax(1) != labels).sum()))
+    pictures["errors"] = figures.confident_errors(
+        images, labels, probabilities, spec.class_names,
+        f"{candidate}: the {errors_shown} most confident errors", out_dir / f"{candidate}-errors.png")
+    if history:
+        pictures["curves"] = figures.training_curves(
+            history, f"{candidate}: training", out_dir / f"{candidate}-curves.png")
     return Evaluation(candidate=candidate, metrics=metrics, per_class=per_class,
-                      confusion_csv=str(csv_path), confusion_png=str(png_path), report_json=str(report))
+                      confusion_csv=str(csv_path), confusion_png=str(png_path), report_json=str(report),
+                      figures={k: str(v) for k, v in pictures.items()}, errors_shown=errors_shown)
+
+
+def filters_figure(starts: dict[str, Path], checkpoints: dict[str, Path], path: Path) -> Path:
+    """First-layer filters side by side: each starting point (``starts``, state dict files:
+    pretrained weights or a random init) and each trained candidate (``checkpoints``)."""
+    weights = {label: figures.first_conv_weight(torch.load(p, map_location="cpu", weights_only=True))
+               for label, p in starts.items()}
+    for label, checkpoint in checkpoints.items():
+        weights[label] = figures.first_conv_weight(load_checkpoint(checkpoint)["model"])
+    return figures.filter_grids(weights, path)
 
 
 def _write_confusion(matrix: np.ndarray, names: list[str], candidate: str,

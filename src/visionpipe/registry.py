@@ -393,6 +393,44 @@ def _apply_decision(decision: GateDecision, model_name: str, alias: str) -> None
         mlflow_client.set_registered_model_alias(model_name, alias, decision.candidate_version)
 
 
+def model_card(registration: Registration, metrics: dict[str, float], dataset: PreparedDataset,
+               lineage: dict[str, str], decision: GateDecision) -> str:
+    """A registered version's description: what it was trained on and from, how it scored on
+    the test split, and what the champion gate decided (markdown, as MLflow's UI shows it)."""
+    counts = ", ".join(f"{n} {split}" for split, n in dataset.split_counts.items())
+    source = lineage.get("weights_source", "")
+    if lineage.get("weights_source") == "scratch":
+        start = "trained from scratch (by design)"
+    elif source == "random-init":
+        start = ("**RANDOM INIT: no pretrained weights were reachable; this model did not "
+                 "start from pretrained features**")
+    else:
+        start = f"fine-tuned from `{source}` (sha256 `{lineage.get('weights_sha256', '')[:16]}...`)"
+    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("top1", "top5", "macro_f1") if k in metrics)
+    if registration.version == decision.candidate_version:
+        champion = ("-" if decision.champion_score is None
+                    else f"{decision.champion_score:.4f} (v{decision.champion_version})")
+        gate = (f"{'promoted' if decision.promoted else 'not promoted'} (rule `{decision.rule}`): "
+                f"{decision.reason}. {decision.metric}: this version {decision.candidate_score:.4f}, "
+                f"champion before {champion}")
+    else:
+        gate = (f"not the gate's candidate: version {decision.candidate_version} "
+                f"({decision.candidate}) was")
+    return "\n".join([
+        f"**{registration.candidate}** ({lineage.get('arch', '?')}) on `{dataset.name}` version "
+        f"`{dataset.version}` ({dataset.num_classes} classes; {counts}), {dataset.recipe} recipe "
+        f"at {dataset.image_size} px.", "",
+        f"- start: {start}",
+        f"- test split: {shown}",
+        f"- champion gate: {gate}",
+    ])
+
+
+def describe_version(model_name: str, version: str, description: str) -> None:
+    """Set a registered version's description (its model card in MLflow's UI)."""
+    client().update_model_version(model_name, version, description=description)
+
+
 def rollback_champion(model_name: str, alias: str = "champion") -> str:
     """Move ``alias`` back to the version it held before the current one; return that version."""
     mlflow_client = client()

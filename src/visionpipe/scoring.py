@@ -6,8 +6,10 @@ import io
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
@@ -17,6 +19,8 @@ from visionpipe.data.sources import materialize_source
 from visionpipe.tracking import configure_tracking
 
 log = logging.getLogger(__name__)
+
+LEAST_CONFIDENT = 10  # images listed in the report
 
 
 class ScoringSummary(BaseModel):
@@ -28,6 +32,10 @@ class ScoringSummary(BaseModel):
     predicted: dict[str, int]
     mean_probability: float
     folder_accuracy: float | None  # when the source's folders are named like the classes
+    # The report beside the parquet: predictions per tenth of probability (0-0.1, ...,
+    # 0.9-1.0), and the least confident images (path, class, probability), lowest first.
+    confidence_histogram: list[int] = []
+    least_confident: list[dict[str, Any]] = []
 
 
 def score_images(model_uri: str, source: str, output: str, batch_size: int = 64) -> ScoringSummary:
@@ -88,4 +96,29 @@ def _summary(scored: pd.DataFrame, model_uri: str, source: str, output: str) -> 
         predicted=dict(Counter(good["class_name"].astype(str))),
         mean_probability=float(good["probability"].mean()) if len(good) else 0.0,
         folder_accuracy=accuracy,
+        confidence_histogram=[int(n) for n in np.histogram(good["probability"], bins=10,
+                                                           range=(0.0, 1.0))[0]],
+        least_confident=[{"path": r.path, "class_name": r.class_name,
+                          "probability": float(r.probability)}
+                         for r in good.nsmallest(LEAST_CONFIDENT, "probability").itertuples()],
     )
+
+
+def report_markdown(summary: ScoringSummary) -> str:
+    """The scoring job's report: counts per class, the confidence histogram, the least
+    confident images."""
+    lines = [f"# Scored {summary.images} images with `{summary.model_uri}`", "",
+             f"- source: `{summary.source}`", f"- predictions: `{summary.output}`",
+             f"- unreadable: {summary.unreadable}", f"- mean probability: {summary.mean_probability:.3f}",
+             "", "| class | images |", "|---|---|"]
+    lines += [f"| {name} | {count} |" for name, count in sorted(summary.predicted.items())]
+    lines += ["", "## Confidence", "", "| probability | images | |", "|---|---|---|"]
+    most = max(summary.confidence_histogram, default=0) or 1
+    for index, count in enumerate(summary.confidence_histogram):
+        bar = "#" * round(20 * count / most)
+        lines.append(f"| {index / 10:.1f}-{(index + 1) / 10:.1f} | {count} | `{bar}` |")
+    lines += ["", f"## The {len(summary.least_confident)} least confident", "",
+              "| image | predicted | probability |", "|---|---|---|"]
+    lines += [f"| `{r['path']}` | {r['class_name']} | {r['probability']:.3f} |"
+              for r in summary.least_confident]
+    return "\n".join(lines)

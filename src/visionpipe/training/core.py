@@ -151,14 +151,18 @@ def check_resumable(saved: dict[str, Any], cfg: StageConfig,
 
 
 def epoch_record(epoch: int, train: EpochStats, val: EpochStats, *, phase: str,
-                 phase_epoch: int) -> EpochRecord:
-    """One finished epoch as the history, the log, the progress bar and MLflow see it."""
-    return {
+                 phase_epoch: int, lr: float | None = None) -> EpochRecord:
+    """One finished epoch as the history, the log, the progress bar and MLflow see it; ``lr``
+    is the (head's) learning rate the epoch ended at."""
+    record: EpochRecord = {
         "phase": phase, "phase_epoch": phase_epoch, "epoch": epoch,
         "train_loss": train.loss, "train_top1": train.top1, "val_loss": val.loss,
         "val_top1": val.top1, "train_images_per_s": train.images_per_s,
         "train_seconds": train.seconds, "val_seconds": val.seconds,
     }
+    if lr is not None:
+        record["lr"] = lr
+    return record
 
 
 def save_progress(out_dir: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,

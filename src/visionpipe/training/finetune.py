@@ -200,7 +200,7 @@ def _run_phase(run: _FinetuneRun, index: int, phase: Phase, resume: dict[str, An
                                       accumulation=cfg.grad_accumulation, fast_path=run.fast_path)
         val_stats = evaluate(batches.val_model, batches.val, criterion, run.device, run.fast_path)
         record = epoch_record(progress.epoch + 1, train_stats, val_stats, phase=phase.name,
-                              phase_epoch=phase_epoch)
+                              phase_epoch=phase_epoch, lr=optimizer.param_groups[0]["lr"])
         improved = progress.end_epoch(record, eligible=in_second_half(phase_epoch, phase.epochs))
         stop = should_stop_early(progress.since_best, cfg.early_stopping_patience, phase_epoch,
                                  phase.epochs)

@@ -198,7 +198,8 @@ def train_googlenet(job: WorkerJob, ctx: DistContext) -> TrainResult:
                 _preempt(trainer, local.steps)
             train = EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), local.seconds)
             val = validate(trainer.model, val_batches, criterion, ctx, fast_path)
-            _end_epoch(trainer, epoch_record(epoch, train, val, phase="train", phase_epoch=epoch))
+            _end_epoch(trainer, epoch_record(epoch, train, val, phase="train", phase_epoch=epoch,
+                                             lr=trainer.optimizer.param_groups[0]["lr"]))
             if progress.stopped_early:
                 log.info("no better val top-1 for %d epochs: stopping after epoch %d of %d",
                          progress.since_best, epoch, cfg.epochs)
