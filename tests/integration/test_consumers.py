@@ -119,8 +119,11 @@ def test_mlflow_models_serve_answers_an_encoded_image(champion: tuple[Path, Path
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
         prediction = answer["predictions"][0]
-        assert set(prediction) == {"label", "class_name", "probability"}
+        assert set(prediction) == {"label", "class_name", "probability", "probabilities"}
         assert 0 < prediction["probability"] <= 1 and prediction["class_name"] in [str(i) for i in range(10)]
+        assert len(prediction["probabilities"]) == 10  # one per class, over REST as a list
+        assert sum(prediction["probabilities"]) == pytest.approx(1.0)
+        assert max(prediction["probabilities"]) == pytest.approx(prediction["probability"])
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
