@@ -17,7 +17,7 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit bench serve stack-up stack-down clean
+.PHONY: install browser run test test-unit bench serve stack-up stack-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,17 @@ run: $(STAMP)
 	mkdir -p $(PREFECT_HOME)
 	$(VENV)/bin/python -m flows
 
-test: $(STAMP)
+# The browser tests drive Debian's chromium (Playwright with executable_path, no browser
+# download): installed here as root with apt-get; elsewhere this says what to run.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "browser tests need /usr/bin/chromium: run 'sudo apt-get install chromium' (Debian)" >&2; \
+	  fi; }
+
+test: $(STAMP) browser
 	mkdir -p $(PREFECT_HOME)
 	$(VENV)/bin/python -m pytest
 

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 import boto3
 import pandas as pd
 import pytest
+
+from tests.servers import free_port
 import torch
 from prefect.testing.utilities import prefect_test_harness
 
@@ -92,15 +93,11 @@ def test_score_images_writes_parquet_locally_and_to_s3(
     assert not (home / "out" / "bad.parquet").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_mlflow_models_serve_answers_an_encoded_image(champion: tuple[Path, Path]) -> None:
     home, folder = champion
-    port = _free_port()
+    port = free_port()
     bin_dir = Path(sys.executable).parent  # mlflow runs uvicorn from the environment's PATH
     env = {**os.environ, "VISIONPIPE_HOME": str(home), "MLFLOW_TRACKING_URI": settings.tracking_uri(),
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import boto3
 import httpx
 import pytest
 
+from tests.servers import free_port
+
 from tests.processes import stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -30,10 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(epochs: int) -> dict[str, Any]:
@@ -44,7 +41,7 @@ def _config(epochs: int) -> dict[str, Any]:
         "finetune": {"arch": "resnet18", "batch_size": 16, "phases": [
             {"name": "full", "trainable": ["*"], "epochs": 1, "lr": 2e-3}]},
         "googlenet": {"epochs": epochs, "batch_size": 8, "launch": {
-            "nnodes": "2", "nproc_per_node": 1, "rdzv_endpoint": f"127.0.0.1:{_free_port()}",
+            "nnodes": "2", "nproc_per_node": 1, "rdzv_endpoint": f"127.0.0.1:{free_port()}",
             "rdzv_timeout_s": 120, "timeout_s": 600}},
     }
 
@@ -111,7 +108,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterato
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
     base.update(S3_KEYS, AWS_ENDPOINT_URL_S3=s3_server)  # for checkpoints on S3
     boto3.client("s3", endpoint_url=s3_server, **_boto_keys()).create_bucket(Bucket="checkpoints")
-    port = _free_port()
+    port = free_port()
     server_env = {**base, "PREFECT_HOME": str(home / "server"),
                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen(
@@ -300,7 +297,7 @@ def test_preflight_names_a_gpu_shortage_and_an_unreachable_rendezvous(cluster: C
     assert "2 NCCL process(es) but this host has 0 visible GPU(s)" in message, message
     assert "nproc_per_node" in message
 
-    closed = _free_port()  # nothing listens there
+    closed = free_port()  # nothing listens there
     quick = GoogLeNetConfig.model_validate({"launch": {
         "nnodes": "2", "nproc_per_node": 1, "rdzv_endpoint": f"127.0.0.1:{closed}",
         "rdzv_timeout_s": 3}})
