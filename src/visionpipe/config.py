@@ -79,8 +79,10 @@ class WeightsConfig(_Config):
 
     uri: str = Field(
         "torchvision:resnet50.IMAGENET1K_V2",
-        description="torchvision:<arch>.<WEIGHTS>, https://..., s3://..., file://... or "
-        "models:/<name>@<alias>.",
+        # In backticks: the Prefect UI renders descriptions as markdown, where a bare <arch>
+        # is an HTML tag and vanishes from the form.
+        description="`torchvision:<arch>.<WEIGHTS>`, `https://...`, `s3://...`, `file://...` "
+        "or `models:/<name>@<alias>`.",
     )
     sha256: str | None = Field(
         None, description="Expected full sha256; torchvision's file-name prefix is checked if empty."
@@ -418,10 +420,10 @@ def mlflow_alias_problem(alias: str) -> str | None:
 class RegistryConfig(_Config):
     """Where candidates are registered and when the champion alias moves."""
 
-    model_name: str | None = Field(None, description="Registered model; '<dataset>-classifier' if empty.")
+    model_name: str | None = Field(None, description="Registered model; `<dataset>-classifier` if empty.")
     champion_metric: Literal["top1", "macro_f1"] = "top1"
     alias: str = Field("champion", description="The alias the gate moves; letters, digits, _ and "
-                       "-, not 'latest' or v<number> (MLflow reserves those).")
+                       "-, not `latest` or `v<number>` (MLflow reserves those).")
     min_score: float | None = Field(
         None, ge=0, le=1, description="Quality floor on today's test split: a candidate below "
         "it never becomes the champion, not even the first one. Empty: strictly above chance "
