@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel
 
 from visionpipe.registry import GateDecision
@@ -58,5 +60,5 @@ class PipelineSummary(BaseModel):
                   "  import mlflow, pandas as pd; mlflow.set_tracking_uri("
                   f"\"{self.tracking_uri}\")",
                   f"  model = mlflow.pyfunc.load_model(\"models:/{self.model_name}@{self.alias}\"); "
-                  f"model.predict(pd.DataFrame({{\"image\": [open({image!r}, \"rb\").read()]}}))"]
+                  f"model.predict(pd.DataFrame({{\"image\": [open({json.dumps(image)}, \"rb\").read()]}}))"]
         return "\n".join(lines)

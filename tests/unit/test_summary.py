@@ -22,7 +22,7 @@ def test_the_summary_names_the_configured_alias_and_an_image_the_run_left() -> N
     text = _summary().render()
     assert "production: version 3 (promoted v3: beats)" in text
     assert 'models:/digits-classifier@production' in text and "@champion" not in text
-    assert "open('/state/datasets/digits/3/0003.png', \"rb\")" in text
+    assert 'open("/state/datasets/digits/3/0003.png", "rb")' in text
 
 
 def test_with_no_champion_the_summary_offers_nothing_to_load() -> None:
