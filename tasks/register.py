@@ -59,11 +59,11 @@ def choose_for_gate(candidates: list[Candidate], registrations: list[registry.Re
     ranked = sorted(registrations, key=lambda r: scores[r.candidate][cfg.champion_metric],
                     reverse=True)
     eligible = [r for r in ranked if cfg.promote_random_init or not random_init[r.candidate]]
-    for refused in ranked[:ranked.index(eligible[0])] if eligible else []:
-        run_logger().warning("%s scored best but trained from a random init for want of "
-                             "pretrained weights (registry.promote_random_init is false); the "
-                             "gate takes %s", refused.candidate, eligible[0].candidate)
     best = eligible[0] if eligible else ranked[0]
+    for refused in ranked[:ranked.index(best)]:
+        run_logger().warning("%s scored better but trained from a random init for want of "
+                             "pretrained weights (registry.promote_random_init is false); the "
+                             "gate takes %s", refused.candidate, best.candidate)
     return best, random_init[best.candidate]
 
 

@@ -215,8 +215,3 @@ def backbone_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
 
         backbone = interpolate_embeddings(model.image_size, model.patch_size, backbone)
     return backbone
-
-
-def load_backbone(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load pretrained weights into everything but the new head (check the keys first)."""
-    model.load_state_dict(backbone_state(model, state_dict), strict=False)

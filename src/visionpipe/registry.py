@@ -28,6 +28,7 @@ from visionpipe.serving import DEFAULT_BATCH_SIZE, ImageClassifier
 from visionpipe.models import inference_weights
 from visionpipe.tracking import client, configure_tracking, redact
 from visionpipe.training.checkpoint import load_checkpoint
+from visionpipe.weights.state_dict import RANDOM_INIT
 
 log = logging.getLogger(__name__)
 
@@ -399,9 +400,9 @@ def model_card(registration: Registration, metrics: dict[str, float], dataset: P
     the test split, and what the champion gate decided (markdown, as MLflow's UI shows it)."""
     counts = ", ".join(f"{n} {split}" for split, n in dataset.split_counts.items())
     source = lineage.get("weights_source", "")
-    if lineage.get("weights_source") == "scratch":
+    if source == "scratch":
         start = "trained from scratch (by design)"
-    elif source == "random-init":
+    elif source == RANDOM_INIT:
         start = ("**RANDOM INIT: no pretrained weights were reachable; this model did not "
                  "start from pretrained features**")
     else:

@@ -4,8 +4,7 @@ Two kinds of folders grow with every run:
 
 - ``runs/<flow-run-id>/``: each flow run's checkpoints (hundreds of MB per candidate). The
   newest ``keep_flow_runs`` of the runs that ended stay, and so does every run still in
-  progress: a
-  retried or resumed run needs its checkpoints. A run is in progress from ``mark_run_started``
+  progress: a retried or resumed run needs its checkpoints. A run is in progress from ``mark_run_started``
   until ``mark_run_finished``; a run that never finished (its process was killed) counts as in
   progress for ``abandoned_after_hours``, the time Prefect's retries could still resume it.
 - ``datasets/<name>/<version>/``: a dataset version's manifest, decoded splits and prepared
@@ -111,18 +110,16 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def plan(cfg: RetentionConfig, now: float | None = None) -> tuple[list[Removal], dict[str, str]]:
+def plan(cfg: RetentionConfig) -> tuple[list[Removal], dict[str, str]]:
     """What retention would remove under ``cfg``, and what it keeps and why."""
-    now = time.time() if now is None else now
+    now = time.time()
     removals: list[Removal] = []
     kept: dict[str, str] = {}
     kept_datasets: dict[str, str] = {}
-    runs = settings.cache_dir("runs")
-    folders = sorted((f for f in runs.iterdir() if f.is_dir()),
-                     key=lambda f: _started(f, _read_marker(f)), reverse=True)
+    runs = [(f, _read_marker(f)) for f in settings.cache_dir("runs").iterdir() if f.is_dir()]
+    runs.sort(key=lambda run: _started(*run), reverse=True)
     ended = 0  # flow runs not in progress, newest first: the first keep_flow_runs stay
-    for folder in folders:
-        marker = _read_marker(folder)
+    for folder, marker in runs:
         age_h = (now - _started(folder, marker)) / 3600
         running = marker.get("state") == "running" and age_h < cfg.abandoned_after_hours
         ended += not running

@@ -12,7 +12,6 @@ from visionpipe.models import (
     build_googlenet,
     build_model,
     build_backbone,
-    load_backbone,
     param_groups,
     set_trainable,
     strip_aux_heads,
@@ -76,11 +75,14 @@ def test_param_groups_give_the_backbone_a_fraction_of_the_head_rate() -> None:
     assert len(by_name["head"]["params"]) == 2  # type: ignore[arg-type]
 
 
-def test_load_backbone_takes_imagenet_weights_but_keeps_the_new_head() -> None:
+def test_the_backbone_state_takes_imagenet_weights_but_keeps_the_new_head() -> None:
+    from visionpipe.models import backbone_state
+
     source = torchvision.models.resnet18(weights=None).state_dict()  # 1000-way fc
     model = build_backbone("resnet18", 3)
     head = model.fc.weight.clone()
-    load_backbone(model, source)
+    assert not [k for k in backbone_state(model, source) if k.startswith("fc.")]
+    model.load_state_dict(backbone_state(model, source), strict=False)
     assert torch.equal(model.conv1.weight, source["conv1.weight"])
     assert torch.equal(model.fc.weight, head) and model.fc.out_features == 3
 
