@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
+from tests.checkpoints import untrained_checkpoint
 from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -44,15 +44,9 @@ def mlflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     from visionpipe.config import DataConfig, RegistryConfig
     from visionpipe.data import prepare_dataset
     from visionpipe.evaluation import evaluate_checkpoint
-    from visionpipe.models import ModelSpec, build_backbone
-    from visionpipe.training.checkpoint import save_checkpoint
 
     dataset = prepare_dataset(DataConfig(max_per_class=8))
-    spec = ModelSpec(arch="resnet18", num_classes=10, class_names=dataset.class_names, image_size=32)
-    torch.manual_seed(0)
-    checkpoint = home / "ck" / "best.pt"
-    save_checkpoint({"model": build_backbone("resnet18", 10).state_dict(),
-                     "spec": spec.model_dump_json()}, checkpoint)
+    checkpoint = untrained_checkpoint(home / "ck" / "best.pt", dataset)
     experiment = tracking.ensure_experiment("browser")
     run_id = tracking.start_run(experiment, "finetune-resnet18")
     history = [{"epoch": e, "phase": "full", "phase_epoch": e, "train_loss": 2.0 / e,

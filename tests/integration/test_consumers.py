@@ -17,15 +17,13 @@ import boto3
 import pandas as pd
 import pytest
 
+from tests.checkpoints import untrained_checkpoint
 from tests.servers import free_port
-import torch
 from prefect.testing.utilities import prefect_test_harness
 
 from visionpipe import registry, settings, tracking
 from visionpipe.config import DataConfig, RegistryConfig
 from visionpipe.data import prepare_dataset
-from visionpipe.models import ModelSpec, build_backbone
-from visionpipe.training.checkpoint import save_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,11 +36,7 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, P
     mp.setenv("VISIONPIPE_HOME", str(home))
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     dataset = prepare_dataset(DataConfig(max_per_class=5))
-    spec = ModelSpec(arch="resnet18", num_classes=10, class_names=dataset.class_names, image_size=32)
-    torch.manual_seed(0)
-    checkpoint = home / "ck" / "best.pt"
-    save_checkpoint({"model": build_backbone("resnet18", 10).state_dict(), "spec": spec.model_dump_json()},
-                    checkpoint)
+    checkpoint = untrained_checkpoint(home / "ck" / "best.pt", dataset)
     run_id = tracking.start_run(tracking.ensure_experiment("consumers"), "candidate")
     uri = registry.log_pyfunc_model(run_id, checkpoint, home / "export", dataset)
     version = registry.register_version("candidate", "digits-classifier", uri, run_id, {})

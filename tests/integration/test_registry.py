@@ -20,9 +20,9 @@ from visionpipe.config import DataConfig, FinetuneConfig, Phase, RegistryConfig
 from visionpipe.data import PreparedDataset, prepare_dataset
 from visionpipe.digests import file_sha256
 from visionpipe.evaluation import evaluate_checkpoint
-from visionpipe.models import ModelSpec, build_backbone
-from visionpipe.training.checkpoint import save_checkpoint
+from visionpipe.models import build_backbone
 from visionpipe.training.finetune import finetune
+from tests.checkpoints import untrained_checkpoint
 
 pytestmark = pytest.mark.integration
 # These tests register briefly trained or untrained models: no quality floor unless a test sets one.
@@ -43,10 +43,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PreparedDat
     cfg = FinetuneConfig(arch="resnet18", batch_size=16,
                          phases=[Phase(name="full", trainable=["*"], epochs=4, lr=2e-3)])
     good = Path(finetune(cfg, dataset, weights, home / "good", random_init=True).best_checkpoint)
-    spec = ModelSpec(arch="resnet18", num_classes=10, class_names=dataset.class_names, image_size=32)
-    bad = home / "bad" / "best.pt"
-    torch.manual_seed(3)
-    save_checkpoint({"model": build_backbone("resnet18", 10).state_dict(), "spec": spec.model_dump_json()}, bad)
+    bad = untrained_checkpoint(home / "bad" / "best.pt", dataset, seed=3)
     yield home, dataset, good, bad
     mp.undo()
 
