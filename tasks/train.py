@@ -17,7 +17,7 @@ from visionpipe.data import PreparedDataset
 from visionpipe.tracking import TrackingContext
 from visionpipe.training.core import parse_epoch_line
 from visionpipe.training.finetune import finetune
-from visionpipe.training.jobs import launch_on_this_node
+from visionpipe.training.jobs import finetune_processes, launch_finetune, launch_on_this_node
 from visionpipe.training.oom import with_oom_fallback
 from visionpipe.training.result import Candidate, close_candidate_run, open_candidate_run
 from visionpipe.weights import FetchedWeights
@@ -44,6 +44,14 @@ class EpochReporter:
         """Full bar at the end, also when early stopping or skipped phases ran fewer epochs."""
         update_progress_artifact(self.artifact_id, progress=100.0)
 
+    def on_line(self, rank: int | None, line: str) -> None:
+        """A line of a torchrun launch: rank 0's epoch records move the bar, the rest is logged."""
+        record = parse_epoch_line(line)
+        if record is None:
+            self.logger.info("[rank %s] %s", "-" if rank is None else rank, line)
+        else:
+            self(record)
+
 
 @task(name="finetune-backbone", retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=retry_transient, cache_key_fn=per_flow_run, persist_result=True)
@@ -57,10 +65,18 @@ def finetune_backbone(cfg: FinetuneConfig, dataset: PreparedDataset, weights: Fe
     run_id = open_candidate_run(context, name, lineage, cfg)
     reporter = EpochReporter(name, sum(p.epochs for p in cfg.phases))
     out_dir = settings.stage_dir(context.flow_run_id, name)
-    with compute_slots(1):
-        result = with_oom_fallback(cfg, lambda c: finetune(
-            c, dataset, Path(weights.path), out_dir, on_epoch=reporter, mlflow_run_id=run_id,
-            random_init=weights.random_init, weights_sha256=weights.sha256), run_logger())
+    logger = run_logger()
+    if finetune_processes(cfg) > 1:  # every GPU of this worker: torchrun, as GoogLeNet's
+        result = with_oom_fallback(cfg, lambda c: launch_finetune(
+            c, dataset, Path(weights.path), out_dir, run_id, f"ft-{context.flow_run_id[:12]}",
+            reporter.on_line, random_init=weights.random_init, weights_sha256=weights.sha256,
+            hold_compute=compute_slots, stop=launch_stop(context.flow_run_id), logger=logger),
+            logger)
+    else:
+        with compute_slots(1):
+            result = with_oom_fallback(cfg, lambda c: finetune(
+                c, dataset, Path(weights.path), out_dir, on_epoch=reporter, mlflow_run_id=run_id,
+                random_init=weights.random_init, weights_sha256=weights.sha256), logger)
     reporter.done()
     return close_candidate_run(name, run_id, result, lineage, run_logger())
 
@@ -80,16 +96,8 @@ def train_googlenet(cfg: GoogLeNetConfig, dataset: PreparedDataset,
     else:
         logger = run_logger()
         reporter = EpochReporter(name, cfg.epochs)
-
-        def on_line(rank: int | None, line: str) -> None:
-            record = parse_epoch_line(line)
-            if record is None:
-                logger.info("[rank %s] %s", "-" if rank is None else rank, line)
-            else:
-                reporter(record)
-
         result = with_oom_fallback(cfg, lambda c: launch_on_this_node(
-            c, dataset, out_dir, run_id, context.flow_run_id[:12], on_line,
+            c, dataset, out_dir, run_id, context.flow_run_id[:12], reporter.on_line,
             hold_compute=compute_slots, stop=launch_stop(context.flow_run_id), logger=logger),
             logger)
         reporter.done()

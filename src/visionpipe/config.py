@@ -224,61 +224,6 @@ class FastPathConfig(_Config):
         "pixels differ slightly from the CPU decoder's; other files are decoded as in memory.")
 
 
-class FinetuneConfig(_Config):
-    """Transfer learning of a torchvision backbone with a new head."""
-
-    arch: str = Field(
-        "resnet50", description="Any torchvision classification model by name "
-        "(torchvision.models.list_models()), e.g. resnet50, efficientnet_b0, convnext_tiny, "
-        "vit_b_16; its classifier (fc, classifier or heads) is replaced by the new head.",
-        examples=["resnet50", "resnet18", "efficientnet_b0", "convnext_tiny", "vit_b_16"])
-    phases: list[Phase] = Field(default_factory=_default_phases)
-    batch_size: int = Field(64, gt=0)
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(optimizer="adamw", weight_decay=0.01)
-    )
-    augment: bool = Field(False, description="Random crops of training images.")
-    photo: PhotoAugmentConfig = Field(default_factory=PhotoAugmentConfig, description="Photo recipe's training augmentation.")
-    cache_frozen_features: bool = Field(
-        True, description="In a head-only phase without augmentation, compute the frozen "
-        "backbone's features once instead of every epoch (same head, a fraction of the time).",
-    )
-    grad_accumulation: int = Field(
-        1, ge=1, description="Batches per optimizer step (set to 2 after an out-of-memory retry)."
-    )
-    early_stopping_patience: int = Field(
-        3, ge=1, description="Stop a phase after this many epochs without a better val score, "
-        "counted in the second half of the phase only: in the first, its rate is high and "
-        "from scratch its val score is still noise."
-    )
-    scratch_min_steps: int = Field(
-        0, ge=0, description="From random init (no weights reachable), a phase that trains "
-        "everything runs at least this many optimizer steps, its epochs raised up to 5x: a "
-        "random backbone needs hundreds of steps where a pretrained one adapts in tens, and a "
-        "small folder's epoch is a handful. 0 (the default): the phase's own epochs; 150 "
-        "measured no clear gain for 3.4x the time (docs/photo-accuracy.md).",
-    )
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    fast: FastPathConfig = Field(default_factory=FastPathConfig)
-
-    @field_validator("arch")
-    @classmethod
-    def _known_backbone(cls, arch: str) -> str:
-        check_backbone(arch)
-        return arch
-
-    @field_validator("phases")
-    @classmethod
-    def _phases_named_once(cls, phases: list[Phase]) -> list[Phase]:
-        if not phases:
-            raise ValueError("at least one phase is needed, e.g. head then full")
-        names = [p.name for p in phases]
-        if len(set(names)) != len(names):
-            raise ValueError(f"phase names must be unique, got {names}")
-        return phases
-
-
 class LaunchConfig(_Config):
     """How torchrun starts the DDP worker; multi-node is configuration, not a rewrite.
 
@@ -351,6 +296,77 @@ class LaunchConfig(_Config):
                     "must reach the rendezvous at one fixed host:port on node 0's host, "
                     "e.g. '10.0.0.5:29400'")
         return self
+
+
+class FinetuneConfig(_Config):
+    """Transfer learning of a torchvision backbone with a new head."""
+
+    arch: str = Field(
+        "resnet50", description="Any torchvision classification model by name "
+        "(torchvision.models.list_models()), e.g. resnet50, efficientnet_b0, convnext_tiny, "
+        "vit_b_16; its classifier (fc, classifier or heads) is replaced by the new head.",
+        examples=["resnet50", "resnet18", "efficientnet_b0", "convnext_tiny", "vit_b_16"])
+    phases: list[Phase] = Field(default_factory=_default_phases)
+    batch_size: int = Field(64, gt=0)
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(optimizer="adamw", weight_decay=0.01)
+    )
+    augment: bool = Field(False, description="Random crops of training images.")
+    photo: PhotoAugmentConfig = Field(default_factory=PhotoAugmentConfig, description="Photo recipe's training augmentation.")
+    cache_frozen_features: bool = Field(
+        True, description="In a head-only phase without augmentation, compute the frozen "
+        "backbone's features once instead of every epoch (same head, a fraction of the time).",
+    )
+    grad_accumulation: int = Field(
+        1, ge=1, description="Batches per optimizer step (set to 2 after an out-of-memory retry)."
+    )
+    early_stopping_patience: int = Field(
+        3, ge=1, description="Stop a phase after this many epochs without a better val score, "
+        "counted in the second half of the phase only: in the first, its rate is high and "
+        "from scratch its val score is still noise."
+    )
+    scratch_min_steps: int = Field(
+        0, ge=0, description="From random init (no weights reachable), a phase that trains "
+        "everything runs at least this many optimizer steps, its epochs raised up to 5x: a "
+        "random backbone needs hundreds of steps where a pretrained one adapts in tens, and a "
+        "small folder's epoch is a handful. 0 (the default): the phase's own epochs; 150 "
+        "measured no clear gain for 3.4x the time (docs/photo-accuracy.md).",
+    )
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    fast: FastPathConfig = Field(default_factory=FastPathConfig)
+    launch: LaunchConfig = Field(
+        default_factory=LaunchConfig,
+        description="How many processes fine-tune: empty nproc_per_node is one per visible GPU "
+        "(on a CPU-only host, one plain process: no torchrun). Two or more start the fine-tune "
+        "worker with torchrun, as GoogLeNet's; the gloo backend runs them on the CPU. One node "
+        "only: its ranks share this host's checkpoint folder.")
+
+    @field_validator("launch")
+    @classmethod
+    def _one_node(cls, launch: LaunchConfig) -> LaunchConfig:
+        if launch.multinode:
+            raise ValueError(
+                f"finetune.launch.nnodes {launch.nnodes!r}: the fine-tune runs on one node (all "
+                "the GPUs of one worker); set nnodes to '1'. Training across nodes is "
+                "googlenet.launch's")
+        return launch
+
+    @field_validator("arch")
+    @classmethod
+    def _known_backbone(cls, arch: str) -> str:
+        check_backbone(arch)
+        return arch
+
+    @field_validator("phases")
+    @classmethod
+    def _phases_named_once(cls, phases: list[Phase]) -> list[Phase]:
+        if not phases:
+            raise ValueError("at least one phase is needed, e.g. head then full")
+        names = [p.name for p in phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique, got {names}")
+        return phases
 
 
 class GoogLeNetConfig(_Config):

@@ -16,9 +16,9 @@ from visionpipe.data import build_loader
 from visionpipe.models import build_googlenet
 from visionpipe.training.core import TrainingData
 from visionpipe.training.distributed import DistContext, distributed
-from visionpipe.training.loop import classification_loss, train_one_epoch
+from visionpipe.training.loop import classification_loss, train_one_epoch, validate
 from visionpipe.training.syncbn import convert_sync_batchnorm
-from visionpipe.training.worker import _check_same_checkpoint, rank_batches, validate
+from visionpipe.training.worker import _check_same_checkpoint, rank_batches
 
 
 def ddp_googlenet(cfg: GoogLeNetConfig, num_classes: int, ctx: DistContext) -> tuple[nn.Module, nn.Module]:

@@ -10,12 +10,16 @@ import pytest
 import torch
 
 from visionpipe import tracking
-from visionpipe.config import DataConfig, GoogLeNetConfig, LaunchConfig
-from visionpipe.data import prepare_dataset
+from visionpipe.config import DataConfig, FinetuneConfig, GoogLeNetConfig, LaunchConfig, Phase
+from visionpipe.data import PreparedDataset, prepare_dataset
 from visionpipe.evaluation import load_trained_model
+from visionpipe.models import build_backbone
 from visionpipe.training.checkpoint import load_checkpoint
+from visionpipe.training.core import load_training_data, parse_epoch_line
+from visionpipe.training.fastpath import resolve_fast_path
+from visionpipe.training.jobs import WorkerJob, finetune_processes, launch_finetune
 from visionpipe.training.launch import LaunchError, run_torchrun, torchrun_command, worker_env
-from visionpipe.training.jobs import WorkerJob
+from visionpipe.training.loop import evaluate
 
 pytestmark = pytest.mark.integration
 PROBE = Path(__file__).with_name("ddp_probe.py")
@@ -143,3 +147,74 @@ def test_a_rank_error_from_the_input_is_not_worth_a_retry(
     # other, which may not get that far).
     records = list((path.parent / "torchrun-logs").glob("*/attempt_0/*/error.json"))
     assert records and all('"transient": false' in r.read_text() for r in records), records
+
+
+@pytest.fixture()
+def finetune_inputs(vp_home: Path, tmp_path: Path) -> tuple[PreparedDataset, Path]:
+    dataset = prepare_dataset(DataConfig(max_per_class=10))
+    torch.manual_seed(1)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(build_backbone("resnet18", 1000).state_dict(), weights)
+    return dataset, weights
+
+
+def _two_rank_finetune(phases: list[Phase], **changes: object) -> FinetuneConfig:
+    return FinetuneConfig(arch="resnet18", batch_size=8, phases=phases,
+                          launch=LaunchConfig(nproc_per_node=2), **changes)  # type: ignore[arg-type]
+
+
+def test_finetune_on_two_ranks_trains_every_phase_and_only_rank_zero_writes(
+    finetune_inputs: tuple[PreparedDataset, Path], tmp_path: Path
+) -> None:
+    dataset, weights = finetune_inputs
+    cfg = _two_rank_finetune([Phase(name="head", trainable=["fc"], epochs=2, lr=0.05),
+                              Phase(name="full", trainable=["*"], epochs=1, lr=0.01)])
+    assert finetune_processes(cfg) == 2
+    run_id = tracking.start_run(tracking.ensure_experiment("ddp-test"), "finetune-resnet18")
+    lines: list[tuple[int | None, str]] = []
+    out = tmp_path / "out"
+    result = launch_finetune(cfg, dataset, weights, out, run_id, "ft-test",
+                             lambda rank, line: lines.append((rank, line)))
+    assert result.world_size == 2 and len(result.rank_weight_digests) == 2
+    assert len(set(result.rank_weight_digests)) == 1, "DDP ranks ended with different weights"
+    assert [r["phase"] for r in result.history] == ["head", "head", "full"]
+    printed = [(rank, parse_epoch_line(line)) for rank, line in lines if parse_epoch_line(line)]
+    assert [rank for rank, _ in printed] == [0, 0, 0], "rank 0 alone reports the epochs"
+    assert {r for r, _ in lines if r is not None} == {0, 1}, "both ranks' lines come back"
+    state = load_checkpoint(out / "last.pt")
+    assert (state["rank"], state["world_size"], state["epoch"]) == (0, 2, 3)
+    assert FinetuneConfig.model_validate_json(state["config"]) == cfg
+    history = tracking.client().get_metric_history(run_id, "val_top1")
+    assert [m.step for m in history] == [1, 2, 3], "one value per epoch: only rank 0 logs"
+    assert tracking.client().get_run(run_id).data.params["world_size"] == "2"
+    # Every rank scored its share of the validation split with rank 0's model and the sums
+    # were added up: the whole split, scored once by the saved weights.
+    model = build_backbone("resnet18", dataset.num_classes, dataset.image_size)
+    model.load_state_dict(state["model"])
+    fast_path = resolve_fast_path(cfg.fast, "cpu")
+    data = load_training_data(dataset, cfg.fast, torch.device("cpu"), fast_path)
+    alone = evaluate(model, data.batches("val", 8, shuffle=False, augment=False, seed=0),
+                     torch.nn.CrossEntropyLoss(), torch.device("cpu"), fast_path)
+    assert alone.count == dataset.split_counts["val"]
+    assert result.history[-1]["val_top1"] == pytest.approx(alone.top1)
+    assert result.history[-1]["val_loss"] == pytest.approx(alone.loss, rel=1e-4)
+
+
+def test_finetune_on_two_ranks_trains_the_same_head_on_cached_features_as_on_images(
+    finetune_inputs: tuple[PreparedDataset, Path], tmp_path: Path
+) -> None:
+    """The frozen features are computed once, half on each rank, and gathered: each rank's
+    shard of every epoch is then the one the image batches would give it."""
+    dataset, weights = finetune_inputs
+    heads = []
+    for cached in (True, False):
+        cfg = _two_rank_finetune([Phase(name="head", trainable=["fc"], epochs=2, lr=0.05)],
+                                 cache_frozen_features=cached)
+        lines: list[str] = []
+        result = launch_finetune(cfg, dataset, weights, tmp_path / f"out-{cached}", None,
+                                 f"ft-cache-{cached}", lambda rank, line: lines.append(line))
+        assert result.world_size == 2 and len(set(result.rank_weight_digests)) == 1
+        assert any("frozen features" in line for line in lines) == cached, lines[-20:]
+        heads.append(load_checkpoint(Path(result.last_checkpoint))["model"])
+    for key in ("fc.weight", "fc.bias"):
+        torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-4, atol=1e-5)

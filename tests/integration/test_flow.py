@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -306,6 +305,8 @@ def test_a_photo_folder_trains_both_candidates_and_the_champion_serves_as_it_was
                                specials=False, seed=2)
     config = PipelineConfig.model_validate({
         **TINY, "data": {"source": str(tmp_path / "photos"), "image_size": 32},
+        # The fine-tune as on a worker with two GPUs: torchrun, two (gloo) ranks.
+        "finetune": {**TINY["finetune"], "launch": {"nproc_per_node": 2}},
         "googlenet": {"epochs": 2, "batch_size": 8, "launch": {"nproc_per_node": 2}}})
     state = train_image_classifiers(config, return_state=True)
     assert state.is_completed(), state.message
@@ -314,6 +315,9 @@ def test_a_photo_folder_trains_both_candidates_and_the_champion_serves_as_it_was
     assert dataset.recipe == "photo" and dataset.version == summary.dataset_version
     assert "croix-é" in dataset.class_names
     assert len(tracking.client().search_model_versions("name='photos-classifier'")) == 2
+    (finetuned,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                      filter_string="attributes.run_name = 'finetune-resnet18'")
+    assert finetuned.data.params["world_size"] == "2"  # rank 0 of two logged it
     model = mlflow.pyfunc.load_model("models:/photos-classifier@champion")
     images, labels = registry.test_split_images(dataset)
     predicted = model.predict(pd.DataFrame({"image": images}))["label"].tolist()

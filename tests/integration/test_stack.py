@@ -7,7 +7,6 @@ checked on the servers themselves.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
-from visionpipe.config import PipelineConfig, RegistryConfig, mlflow_alias_problem, quickstart
+from visionpipe.config import FinetuneConfig, PipelineConfig, RegistryConfig, mlflow_alias_problem, quickstart
 
 
 @pytest.mark.parametrize(("patch", "message"), [
@@ -22,6 +23,8 @@ from visionpipe.config import PipelineConfig, RegistryConfig, mlflow_alias_probl
     ({"weights": {"sha256": "abc"}}, "64 hex digits"),
     ({"weights": {"uri": "torchvision:resnet18.IMAGENET1K_V1"}}, "finetune.arch is 'resnet50'"),
     ({"googlenet": {"launch": {"nnodes": "0:2"}}}, "min:max"),
+    ({"finetune": {"launch": {"nnodes": "2", "rdzv_endpoint": "10.0.0.5:29400"}}},
+     "the fine-tune runs on one node .* set nnodes to '1'"),
     ({"data": {"sourc": "digits"}}, "Extra inputs are not permitted"),
     ({"registry": {"alias": "latest"}}, "'latest' alias name .* is reserved"),
     ({"registry": {"alias": "v2"}}, "Version alias name 'v2' is reserved"),
@@ -102,3 +105,12 @@ def test_no_form_description_loses_a_placeholder_to_the_uis_markdown() -> None:
     assert len(descriptions) > 50
     bare = [d for d in descriptions if re.search(r"<[A-Za-z]", re.sub(r"`[^`]*`", "", d))]
     assert not bare, bare
+
+
+def test_the_finetune_takes_every_visible_gpu_or_one_plain_process_on_the_cpu() -> None:
+    from visionpipe.training.jobs import finetune_processes
+
+    assert finetune_processes(FinetuneConfig(launch={"nproc_per_node": 3})) == 3
+    assert finetune_processes(FinetuneConfig(device="cpu")) == 1
+    assert finetune_processes(FinetuneConfig(launch={"backend": "gloo"})) == 1
+    assert finetune_processes(FinetuneConfig()) == max(1, torch.cuda.device_count())

@@ -493,7 +493,6 @@ def test_a_schedule_resumed_in_another_world_size_goes_on_where_its_epochs_left_
     from visionpipe.training.checkpoint import save_checkpoint
     from visionpipe.training.distributed import DistContext
     from visionpipe.training.jobs import WorkerJob
-    from visionpipe.training.result import TrainResult
     from visionpipe.training.worker import _build_trainer, _save_checkpoint, peak_lr
 
     cfg = GoogLeNetConfig(epochs=4, batch_size=16, warmup_epochs=0)

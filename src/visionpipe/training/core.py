@@ -28,6 +28,7 @@ from visionpipe.data.photo import PhotoTrainLoader, build_stream
 from visionpipe.data.streaming import StreamingLoader, decoded_bytes
 from visionpipe.models import ModelSpec
 from visionpipe.training.checkpoint import rotate_and_save
+from visionpipe.training.distributed import DistContext, nodes_in_world
 from visionpipe.training.fastpath import FastPath, wants_streaming
 from visionpipe.training.loop import EpochStats
 from visionpipe.training.resume import same_training
@@ -290,3 +291,14 @@ def load_training_data(dataset: PreparedDataset, fast: FastPathConfig, device: t
     splits = {split: load_split(dataset, split) for split in ("train", "val")}
     return TrainingData(dataset, fast, where,
                         splits={k: (x.to(where), y.to(where)) for k, (x, y) in splits.items()})
+
+
+def log_world(run_id: str, ctx: DistContext) -> None:
+    """The world of this attempt: params for the first one, tags always (an elastic retry may
+    run on fewer nodes, and MLflow params cannot change)."""
+    world = {"world_size": str(ctx.world_size), "nnodes": str(nodes_in_world())}
+    tracking.set_tags(run_id, world)
+    try:
+        tracking.log_params(run_id, world)
+    except Exception as exc:  # noqa: BLE001 - an earlier attempt recorded another world
+        log.warning("world differs from an earlier attempt's (%s); the tags hold this one", exc)

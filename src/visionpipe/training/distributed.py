@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -95,3 +96,17 @@ def gather_strings(value: str, ctx: DistContext) -> list[str]:
     values: list[str] = [""] * ctx.world_size
     dist.all_gather_object(values, value)
     return values
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the model's parameters, to show that every rank ended with the same.
+
+    Buffers are left out: BatchNorm's running statistics follow each rank's own last batches
+    (DDP copies rank 0's at the start of every forward; rank 0's are the ones saved).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()

@@ -1,6 +1,7 @@
-"""The DDP worker's job file, and one node's launch of it: write the job, run torchrun, read
-rank 0's result. Single-node runs call ``launch_on_this_node``; a node of a multi-node run
-builds its job with the same ``write_worker_job`` (``training.multinode``)."""
+"""The DDP workers' job files, and one node's launch of them: write the job, run torchrun,
+read rank 0's result. Single-node GoogLeNet runs call ``launch_on_this_node``, a fine-tune on
+several GPUs ``launch_finetune``; a node of a multi-node run builds its job with the same
+``write_worker_job`` (``training.multinode``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from visionpipe.config import GoogLeNetConfig
+from visionpipe.config import FinetuneConfig, GoogLeNetConfig, LaunchConfig
 from visionpipe.data import PreparedDataset
 from visionpipe.training import launch
 from visionpipe.training.result import TrainResult
@@ -39,6 +40,29 @@ class WorkerJob(BaseModel):
     # itself), and the node run this launch belongs to.
     shared_dir: str | None = None
     node_index: int | None = None
+
+
+class FinetuneJob(BaseModel):
+    """What each rank of a multi-GPU fine-tune needs (``training.finetune_worker``)."""
+
+    config: FinetuneConfig
+    dataset: PreparedDataset
+    weights_path: str
+    weights_sha256: str | None = None
+    random_init: bool = False
+    out_dir: str
+    result_path: str
+    mlflow_run_id: str | None = None
+
+
+def finetune_processes(cfg: FinetuneConfig) -> int:
+    """Ranks of a fine-tune on this host: as configured, else one per visible GPU; one on a
+    host without GPUs (or asked for the CPU), where a plain process trains."""
+    if cfg.launch.nproc_per_node:
+        return cfg.launch.nproc_per_node
+    if cfg.device == "cpu" or cfg.launch.backend == "gloo":
+        return 1
+    return max(1, torch.cuda.device_count())
 
 
 def has_cuda() -> bool:
@@ -72,17 +96,45 @@ def launch_on_this_node(cfg: GoogLeNetConfig, dataset: PreparedDataset, out_dir:
     """
     job_path, result_path = out_dir / "job.json", out_dir / "result.json"
     write_worker_job(job_path, cfg, dataset, out_dir, result_path, mlflow_run_id)
-    nproc = launch.default_nproc(cfg.launch)
-    cmd = launch.torchrun_command(cfg.launch, job_path, nproc, rdzv_id=rdzv_id)
+    return _launch("train-googlenet", cfg.launch, launch.default_nproc(cfg.launch), job_path,
+                   launch.WORKER_MODULE, rdzv_id, on_line, hold_compute, stop, logger)
+
+
+def launch_finetune(cfg: FinetuneConfig, dataset: PreparedDataset, weights_path: Path,
+                    out_dir: Path, mlflow_run_id: str | None, rdzv_id: str,
+                    on_line: Callable[[int | None, str], None], *,
+                    random_init: bool = False, weights_sha256: str | None = None,
+                    hold_compute: Callable[[int], AbstractContextManager[Any]] = lambda n: nullcontext(),
+                    stop: threading.Event | None = None,
+                    logger: Logger = log) -> TrainResult:
+    """Fine-tune on ``finetune_processes(cfg)`` ranks of this host with torchrun; return rank
+    0's result (the arguments are ``finetune``'s, and ``launch_on_this_node``'s)."""
+    job_path, result_path = out_dir / "job.json", out_dir / "result.json"
+    job = FinetuneJob(config=cfg, dataset=dataset, weights_path=str(weights_path),
+                      weights_sha256=weights_sha256, random_init=random_init,
+                      out_dir=str(out_dir), result_path=str(result_path),
+                      mlflow_run_id=mlflow_run_id)
+    job_path.parent.mkdir(parents=True, exist_ok=True)
+    job_path.write_text(job.model_dump_json(indent=2))
+    return _launch("finetune-backbone", cfg.launch, finetune_processes(cfg), job_path,
+                   launch.FINETUNE_WORKER_MODULE, rdzv_id, on_line, hold_compute, stop, logger)
+
+
+def _launch(stage: str, launch_cfg: LaunchConfig, nproc: int, job_path: Path, module: str,
+            rdzv_id: str, on_line: Callable[[int | None, str], None],
+            hold_compute: Callable[[int], AbstractContextManager[Any]],
+            stop: threading.Event | None, logger: Logger) -> TrainResult:
+    out_dir = job_path.parent
+    cmd = launch.torchrun_command(launch_cfg, job_path, nproc, rdzv_id=rdzv_id, module=module)
     logger.info("launching %d process(es) per node: %s", nproc, " ".join(cmd))
     marker = out_dir / PREEMPTED_MARKER
     marker.unlink(missing_ok=True)
     with hold_compute(nproc):
         if stop is not None and stop.is_set():  # asked while it waited for the compute
-            raise launch.LaunchStopped("train-googlenet was stopped before its launch: another "
+            raise launch.LaunchStopped(f"{stage} was stopped before its launch: another "
                                        "stage of the run failed (its error is the run's)")
         try:
-            launch.run_torchrun(cmd, cfg.launch.timeout_s, on_line,
+            launch.run_torchrun(cmd, launch_cfg.timeout_s, on_line,
                                 env=launch.worker_env(nproc), stop=stop)
         except launch.LaunchError as exc:
             if marker.exists() and not isinstance(exc, launch.LaunchTimeout):
@@ -90,4 +142,4 @@ def launch_on_this_node(cfg: GoogLeNetConfig, dataset: PreparedDataset, out_dir:
                     f"training was preempted ({marker.read_text().strip()}); a retry resumes "
                     "from its checkpoint") from exc
             raise
-    return TrainResult.model_validate_json(result_path.read_text())
+    return TrainResult.model_validate_json((out_dir / "result.json").read_text())

@@ -33,7 +33,8 @@ from visionpipe.errors import (
 P = ParamSpec("P")
 R = TypeVar("R")
 
-WORKER_MODULE = "visionpipe.training.worker"
+WORKER_MODULE = "visionpipe.training.worker"  # GoogLeNet
+FINETUNE_WORKER_MODULE = "visionpipe.training.finetune_worker"
 # torchrun's --tee prefixes each line of local rank N with "[default<N>]:" (the role name).
 _PREFIX = re.compile(r"^\[(?:default|rank)(\d+)\]:(.*)$")
 _FAILED_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*(\d+)\)")
@@ -104,8 +105,9 @@ def default_nproc(launch: LaunchConfig) -> int:
 
 
 def torchrun_command(launch: LaunchConfig, job_path: Path, nproc: int, rdzv_id: str,
-                     endpoint: str | None = None, is_host: bool | None = None) -> list[str]:
-    """The ``python -m torch.distributed.run`` command line for the worker module.
+                     endpoint: str | None = None, is_host: bool | None = None,
+                     module: str = WORKER_MODULE) -> list[str]:
+    """The ``python -m torch.distributed.run`` command line for a worker ``module``.
 
     ``endpoint`` is the resolved rendezvous endpoint of a multi-node launch; ``is_host`` says
     whether this node hosts the c10d store there (node 0 does), instead of torch guessing it
@@ -123,7 +125,7 @@ def torchrun_command(launch: LaunchConfig, job_path: Path, nproc: int, rdzv_id: 
         f"--max-restarts={launch.max_restarts}",
         f"{_LOG_DIR_FLAG}{job_path.parent / LOG_DIR_NAME}",  # the ranks' error files
         "--tee=3",  # every line of every rank comes back through our pipe, prefixed by its rank
-        "-m", WORKER_MODULE, str(job_path),
+        "-m", module, str(job_path),
     ]
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from visionpipe.config import OptimConfig
+from visionpipe.training.distributed import DistContext, all_reduce_sum, broadcast_buffers
 from visionpipe.training.fastpath import FastPath
 
 
@@ -239,6 +240,21 @@ def evaluate(
     loss = criterion(logits, labels).item() * n
     correct = int((logits.argmax(1) == labels).sum())
     return EpochStats(loss, correct, n, time.perf_counter() - start)
+
+
+def validate(model: nn.Module, share: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             criterion: nn.Module, ctx: DistContext,
+             fast_path: FastPath | None = None) -> EpochStats:
+    """Loss and top-1 of rank 0's model over the validation split, each rank scoring its share.
+
+    Rank 0's BatchNorm statistics go to every rank first, so all score the model rank 0 saves;
+    the sums of losses, correct answers and images are then added up over the ranks.
+    ``fast_path`` (the training's) runs it in bf16 and channels-last on a GPU, as the fine-tune's is.
+    """
+    start = time.perf_counter()
+    broadcast_buffers(model, ctx)
+    local = evaluate(model, share, criterion, ctx.device, fast_path)  # autocast as in training
+    return EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), time.perf_counter() - start)
 
 
 def build_optimizer(

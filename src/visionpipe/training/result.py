@@ -4,6 +4,8 @@ and the candidate's MLflow run that records it."""
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -36,6 +38,12 @@ class TrainResult(BaseModel):
     def loop_seconds(self) -> float:
         """Time spent in the training and validation loops of the epochs this result records."""
         return sum(r.get("train_seconds", 0.0) + r.get("val_seconds", 0.0) for r in self.history)
+
+
+def write_result(result: TrainResult, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(result.model_dump_json(indent=2))
+    os.replace(tmp, path)
 
 
 class Candidate(BaseModel):

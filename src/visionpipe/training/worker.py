@@ -9,12 +9,10 @@ writes checkpoints, logs to MLflow and writes the result file.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from visionpipe import faults, tracking
+from visionpipe import faults
 from visionpipe.config import GoogLeNetConfig
 from visionpipe.training.fastpath import FastPath, resolve_fast_path
 from visionpipe.models import ModelSpec, build_googlenet
@@ -43,6 +41,7 @@ from visionpipe.training.core import (
     epoch_line,
     epoch_record,
     in_second_half,
+    log_world,
     load_training_data,
     save_progress,
     should_stop_early,
@@ -50,10 +49,10 @@ from visionpipe.training.core import (
 from visionpipe.training.distributed import (
     DistContext,
     all_reduce_sum,
-    broadcast_buffers,
     distributed,
     gather_strings,
     nodes_in_world,
+    weights_digest,
 )
 from visionpipe.training.launch import record_failures
 from visionpipe.training.jobs import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, WorkerJob
@@ -62,15 +61,15 @@ from visionpipe.training.loop import (
     EpochStats,
     apply_fast_path,
     build_optimizer,
-    evaluate,
     maybe_compile,
     place_schedule,
     scaled_lr,
     train_one_epoch,
+    validate,
     warmup_cosine,
     warmup_steps,
 )
-from visionpipe.training.result import TrainResult
+from visionpipe.training.result import TrainResult, write_result
 from visionpipe.training.shared import SharedStore
 from visionpipe.training.syncbn import convert_sync_batchnorm
 
@@ -219,20 +218,6 @@ def _result(trainer: _Trainer) -> TrainResult:
                        resumed_from_epoch=progress.resumed_from_epoch)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """sha256 of the model's parameters, to show that every rank ended with the same.
-
-    Buffers are left out: BatchNorm's running statistics follow each rank's own last batches
-    (DDP copies rank 0's at the start of every forward; rank 0's are the ones saved).
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.named_parameters():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def _build_trainer(job: WorkerJob, ctx: DistContext, steps_per_epoch: int,
                    fast_path: FastPath) -> _Trainer:
     """Model, optimizer and schedule, restored from the newest valid checkpoint if there is one."""
@@ -335,20 +320,6 @@ def _preempt(trainer: _Trainer, steps_done: int) -> None:
     raise PreemptionCheckpointed
 
 
-def validate(model: nn.Module, share: Batches, criterion: nn.Module, ctx: DistContext,
-             fast_path: FastPath | None = None) -> EpochStats:
-    """Loss and top-1 of rank 0's model over the validation split, each rank scoring its share.
-
-    Rank 0's BatchNorm statistics go to every rank first, so all score the model rank 0 saves;
-    the sums of losses, correct answers and images are then added up over the ranks.
-    ``fast_path`` (the training's) runs it in bf16 and channels-last on a GPU, as the fine-tune's is.
-    """
-    start = time.perf_counter()
-    broadcast_buffers(model, ctx)
-    local = evaluate(model, share, criterion, ctx.device, fast_path)  # autocast as in training
-    return EpochStats.from_tensor(all_reduce_sum(local.as_tensor(), ctx), time.perf_counter() - start)
-
-
 def _save_checkpoint(trainer: _Trainer, improved: bool) -> None:
     out_dir = Path(trainer.job.out_dir)
     save_progress(out_dir, model=trainer.model, optimizer=trainer.optimizer,
@@ -368,12 +339,6 @@ def _log_epoch(cfg: GoogLeNetConfig, ctx: DistContext) -> EpochCallback:
                  record["val_top1"], record["train_images_per_s"], ctx.world_size)
         print(epoch_line(record), flush=True)  # the task's progress artifact reads this line
     return log_line
-
-
-def write_result(result: TrainResult, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(result.model_dump_json(indent=2))
-    os.replace(tmp, path)
 
 
 @record_failures  # each rank's error file: what it raised, and whether a retry can help
@@ -400,7 +365,7 @@ def _run(job_path: str) -> int:
                  ctx.device, torch.get_num_threads(), int(os.environ.get("GROUP_RANK", "0")),
                  nodes_in_world())
         if ctx.is_main and job.mlflow_run_id:
-            _log_world(job.mlflow_run_id, ctx)
+            log_world(job.mlflow_run_id, ctx)
         try:
             result = train_googlenet(job, ctx)
         except PreemptionCheckpointed:
@@ -411,17 +376,6 @@ def _run(job_path: str) -> int:
                 SharedStore(job.shared_dir).push(Path(job.result_path).parent,
                                                  [Path(job.result_path).name])
     return 0
-
-
-def _log_world(run_id: str, ctx: DistContext) -> None:
-    """The world of this attempt: params for the first one, tags always (an elastic retry may
-    run on fewer nodes, and MLflow params cannot change)."""
-    world = {"world_size": str(ctx.world_size), "nnodes": str(nodes_in_world())}
-    tracking.set_tags(run_id, world)
-    try:
-        tracking.log_params(run_id, world)
-    except Exception as exc:  # noqa: BLE001 - an earlier attempt recorded another world
-        log.warning("world differs from an earlier attempt's (%s); the tags hold this one", exc)
 
 
 if __name__ == "__main__":
