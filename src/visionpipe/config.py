@@ -10,6 +10,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 
 from visionpipe.models import HEAD, check_backbone
 
@@ -413,6 +414,10 @@ class EvalConfig(_Config):
 _ALIAS_CHARACTERS = re.compile(r"[\w\-]+")
 _ALIAS_VERSION = re.compile(r"[vV]\d+")
 _ALIAS_MAX_LENGTH = 255
+# The same rules in the JSON schema, so that the Prefect UI refuses a bad alias before a run
+# starts (its server checks the schema with Python's re; the message quotes the pattern, the
+# field's description says it in words, the validator below names the fix).
+ALIAS_SCHEMA: JsonDict = {"pattern": r"^[\w-]{1,255}$", "not": {"pattern": r"^((?i:latest)|[vV][0-9]+)$"}}
 
 
 def mlflow_alias_problem(alias: str) -> str | None:
@@ -439,7 +444,8 @@ class RegistryConfig(_Config):
     model_name: str | None = Field(None, description="Registered model; `<dataset>-classifier` if empty.")
     champion_metric: Literal["top1", "macro_f1"] = "top1"
     alias: str = Field("champion", description="The alias the gate moves; letters, digits, _ and "
-                       "-, not `latest` or `v<number>` (MLflow reserves those).")
+                       "-, not `latest` or `v<number>` (MLflow reserves those).",
+                       json_schema_extra=ALIAS_SCHEMA)
     min_score: float | None = Field(
         None, ge=0, le=1, description="Quality floor on today's test split: a candidate below "
         "it never becomes the champion, not even the first one. Empty: strictly above chance "

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
+
+from tests.browser import browser_page
 
 
 @pytest.fixture(scope="module")
@@ -20,3 +23,10 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with prefect_test_harness(server_startup_timeout=120):
         yield home
     mp.undo()
+
+
+@pytest.fixture()
+def page() -> Iterator[Any]:
+    """A page of headless Chromium (Debian's, through Playwright) for the browser tests."""
+    with browser_page() as page:
+        yield page

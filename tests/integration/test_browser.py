@@ -2,7 +2,7 @@
 
 A registered model with the champion alias, a model card and a run with per-epoch metrics and
 the evaluation's pictures, served by ``mlflow server`` on the embedded SQLite store; Playwright
-drives ``/usr/bin/chromium``. Screenshots go to the test's folder (``docs/images`` holds the
+drives ``/usr/bin/chromium`` (the ``page`` fixture, ``tests/integration/conftest.py``). Screenshots go to the test's folder (``docs/images`` holds the
 README's).
 """
 
@@ -19,23 +19,15 @@ from typing import Any
 
 import pytest
 
+from tests.browser import require_chromium
 from tests.checkpoints import untrained_checkpoint
 from tests.servers import free_port
 
 pytestmark = pytest.mark.integration
-CHROMIUM = Path("/usr/bin/chromium")
-
-
-def _require_chromium() -> None:
-    if not CHROMIUM.exists():
-        pytest.fail(f"the browser tests need Debian's chromium at {CHROMIUM}. Fix: make browser "
-                    "(apt-get install chromium, as root), which make test runs first")
-
-
 @pytest.fixture(scope="module")
 def mlflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """What a run of the pipeline leaves in MLflow, and ``mlflow server`` over it."""
-    _require_chromium()
+    require_chromium()
     home = tmp_path_factory.mktemp("home")
     mp = pytest.MonkeyPatch()
     mp.setenv("VISIONPIPE_HOME", str(home))
@@ -89,18 +81,6 @@ def mlflow_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
         mp.undo()
-
-
-@pytest.fixture()
-def page(tmp_path: Path) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    _require_chromium()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        yield page
-        browser.close()
 
 
 def _show(page: Any, url: str, text: str, shot: Path) -> str:

@@ -114,3 +114,15 @@ def test_the_finetune_takes_every_visible_gpu_or_one_plain_process_on_the_cpu() 
     assert finetune_processes(FinetuneConfig(device="cpu")) == 1
     assert finetune_processes(FinetuneConfig(launch={"backend": "gloo"})) == 1
     assert finetune_processes(FinetuneConfig()) == max(1, torch.cuda.device_count())
+
+
+@pytest.mark.parametrize("alias", ["champion", "prod-1", "v2a", "latestx", "é", "latest", "LATEST",
+                                   "v2", "V12", "night/ly", "", "a" * 256])
+def test_the_forms_alias_pattern_refuses_what_mlflow_refuses(alias: str) -> None:
+    """The Prefect UI checks the JSON schema's pattern before a run starts; it must agree with
+    the validator whose messages name the fix."""
+    import jsonschema
+
+    schema = PipelineConfig.model_json_schema()["$defs"]["RegistryConfig"]["properties"]["alias"]
+    schema_ok = jsonschema.Draft202012Validator(schema).is_valid(alias)
+    assert schema_ok == (mlflow_alias_problem(alias) is None)

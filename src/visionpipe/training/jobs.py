@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from visionpipe.config import FinetuneConfig, GoogLeNetConfig, LaunchConfig
 from visionpipe.data import PreparedDataset
+from visionpipe.errors import LaunchError, LaunchPreempted, LaunchStopped, LaunchTimeout
 from visionpipe.training import launch
 from visionpipe.training.result import TrainResult
 
@@ -131,14 +132,14 @@ def _launch(stage: str, launch_cfg: LaunchConfig, nproc: int, job_path: Path, mo
     marker.unlink(missing_ok=True)
     with hold_compute(nproc):
         if stop is not None and stop.is_set():  # asked while it waited for the compute
-            raise launch.LaunchStopped(f"{stage} was stopped before its launch: another "
-                                       "stage of the run failed (its error is the run's)")
+            raise LaunchStopped(f"{stage} was stopped before its launch: another stage of the "
+                                "run failed (its error is the run's)")
         try:
             launch.run_torchrun(cmd, launch_cfg.timeout_s, on_line,
                                 env=launch.worker_env(nproc), stop=stop)
-        except launch.LaunchError as exc:
-            if marker.exists() and not isinstance(exc, launch.LaunchTimeout):
-                raise launch.LaunchPreempted(
+        except LaunchError as exc:
+            if marker.exists() and not isinstance(exc, LaunchTimeout):
+                raise LaunchPreempted(
                     f"training was preempted ({marker.read_text().strip()}); a retry resumes "
                     "from its checkpoint") from exc
             raise

@@ -24,7 +24,6 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 from visionpipe.config import LaunchConfig
 from visionpipe.errors import (
     LaunchError,
-    LaunchPreempted,
     LaunchStopped,
     LaunchTimeout,
     rank_failure_record,
