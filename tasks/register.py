@@ -45,7 +45,7 @@ def register_model(candidates: list[Candidate], evaluations: list[Evaluation],
             lineages[registration.candidate], decision))
     tracking.set_tags(context.parent_run_id, {"gate_decision": decision.reason,
                                               "candidate_version": decision.candidate_version})
-    create_markdown_artifact(key="champion-decision", markdown=decision_markdown(decision, model_name),
+    create_markdown_artifact(key="champion-decision", markdown=decision_markdown(decision, model_name, cfg.alias),
                              description=decision.reason)
     return decision
 
@@ -67,14 +67,15 @@ def choose_for_gate(candidates: list[Candidate], registrations: list[registry.Re
     return best, random_init[best.candidate]
 
 
-def decision_markdown(decision: registry.GateDecision, model_name: str) -> str:
+def decision_markdown(decision: registry.GateDecision, model_name: str,
+                      alias: str = "champion") -> str:
     moved = "moved to" if decision.promoted else "stays on"
     holder = decision.candidate_version if decision.promoted else decision.champion_version
     champion = "-" if decision.champion_score is None else f"{decision.champion_score:.4f}"
     return "\n".join([
-        f"# `{model_name}`: champion {moved} version {holder}", "",
+        f"# `{model_name}`: @{alias} {moved} version {holder}", "",
         f"| | version | {decision.metric} |", "|---|---|---|",
         f"| candidate ({decision.candidate}) | {decision.candidate_version} | {decision.candidate_score:.4f} |",
-        f"| champion before | {decision.champion_version or '-'} | {champion} |", "",
+        f"| @{alias} before | {decision.champion_version or '-'} | {champion} |", "",
         f"{decision.reason} (rule: `{decision.rule}`)",
     ])

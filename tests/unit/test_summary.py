@@ -1,4 +1,5 @@
-"""The report printed at the end of a run names the configured alias and a real image."""
+"""The report printed at the end of a run, and the champion decision artifact, name the
+configured alias; the report names a real image."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def test_with_no_champion_the_summary_offers_nothing_to_load() -> None:
     text = _summary(champion_version=None).render()
     assert "No version holds the 'production' alias yet" in text
     assert "pyfunc.load_model" not in text
+
+
+def test_the_champion_decision_artifact_names_the_configured_alias() -> None:
+    from tasks.register import decision_markdown
+
+    text = decision_markdown(_summary().decision, "digits-classifier", "production")
+    assert text.startswith("# `digits-classifier`: @production moved to version 3")
+    assert "| @production before | 2 | 0.8000 |" in text and "champion" not in text
