@@ -97,12 +97,17 @@ class WeightsConfig(_Config):
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, value: str | None) -> str | None:
-        if value is None or value == "":
-            return None
-        value = value.lower()
-        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-            raise ValueError("sha256 must be 64 hex digits (the full digest, not a prefix)")
-        return value
+        return full_sha256(value)
+
+
+def full_sha256(value: str | None) -> str | None:
+    """``value`` as a lower-case full sha256 (None when empty); an error for anything else."""
+    if value is None or value == "":
+        return None
+    value = value.lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("sha256 must be 64 hex digits (the full digest, not a prefix)")
+    return value
 
 
 def weights_arch_mismatch(uri: str, arch: str) -> str | None:
@@ -517,3 +522,165 @@ class PipelineConfig(_Config):
 def quickstart() -> PipelineConfig:
     """The offline configuration ``make run`` uses: digits, random init when hubs are unreachable."""
     return PipelineConfig(weights=WeightsConfig(on_unavailable="random-init"))
+
+
+# --- Style transfer: the train-style-transfer and stylize-image flows -----------------------
+
+StyleLossNetwork = Literal["vgg16", "vgg19"]
+BUNDLED_STYLE = "bundled:waves"
+
+
+class StyleLossConfig(_Config):
+    """The perceptual loss (Johnson et al. 2016) both style flows optimise, read from a frozen
+    pretrained VGG: content is one layer's features, style the Gram matrices of several layers."""
+
+    network: StyleLossNetwork = Field(
+        "vgg16", description="The loss network; its weights are weights.uri's.")
+    content_layer: str = Field("relu2_2", description="Layer whose features carry the content.")
+    style_layers: list[str] = Field(
+        default_factory=lambda: ["relu1_2", "relu2_2", "relu3_3", "relu4_3"],
+        description="Layers whose Gram matrices carry the style (vgg19: e.g. relu3_4, relu4_4).")
+    content_weight: float = Field(1e5, ge=0, description="Weight of the content loss.")
+    style_weight: float = Field(1e10, ge=0, description="Weight of the style loss (its Gram "
+                                "matrices are divided by channels x height x width).")
+    tv_weight: float = Field(1e3, ge=0, description="Weight of the total variation loss "
+                             "(mean squared difference of neighbouring pixels, smoothness).")
+    style_size: int | None = Field(
+        None, ge=16, le=4096, description="Short side the style image is resized to before its "
+        "Gram matrices are taken. Empty: the content images' size.")
+
+    @field_validator("style_layers")
+    @classmethod
+    def _some_style(cls, layers: list[str]) -> list[str]:
+        if not layers:
+            raise ValueError("style_layers needs at least one layer, e.g. ['relu1_2', 'relu2_2']")
+        return layers
+
+    @model_validator(mode="after")
+    def _known_layers(self) -> StyleLossConfig:
+        from visionpipe.style.loss import check_layers  # torchvision's layer list, once
+
+        check_layers(self.network, [self.content_layer, *self.style_layers])
+        return self
+
+
+class StyleTrainConfig(_Config):
+    """The feed-forward image transformation network and how it trains."""
+
+    epochs: int = Field(2, gt=0)
+    batch_size: int = Field(4, gt=0)
+    lr: float = Field(1e-3, gt=0, description="Adam's learning rate.")
+    channels: int = Field(32, ge=2, le=256, description="Width of the first convolution "
+                          "(Johnson et al.: 32; the deeper ones are 2x and 4x).")
+    residual_blocks: int = Field(5, ge=1, le=16)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    launch: LaunchConfig = Field(
+        default_factory=LaunchConfig,
+        description="Empty nproc_per_node: one process per visible GPU (one plain process on a "
+        "CPU-only host); two or more: torchrun starts the style worker, DDP as GoogLeNet's. "
+        "One node only.")
+
+    @field_validator("launch")
+    @classmethod
+    def _one_node(cls, launch: LaunchConfig) -> LaunchConfig:
+        if launch.multinode:
+            raise ValueError(f"train.launch.nnodes {launch.nnodes!r}: the style network trains "
+                             "on one node; set nnodes to '1'")
+        return launch
+
+
+class StyleRegistryConfig(_Config):
+    """Where the stylisation network is registered, and when its alias moves."""
+
+    model_name: str | None = Field(None, description="Registered model; `<style>-stylizer` if empty.")
+    alias: str = Field("champion", description="The alias the gate moves (one per style, since "
+                       "each style is its own registered model); letters, digits, _ and -, not "
+                       "`latest` or `v<number>`.", json_schema_extra=ALIAS_SCHEMA)
+    heldout_images: int = Field(
+        64, ge=1, description="Test-split images the gate scores both candidate and champion on.")
+
+    @field_validator("alias")
+    @classmethod
+    def _mlflow_alias(cls, alias: str) -> str:
+        problem = mlflow_alias_problem(alias)
+        if problem is not None:
+            raise ValueError(problem)
+        return alias
+
+
+def _style_data() -> DataConfig:
+    return DataConfig(image_size=64)
+
+
+def _vgg_weights() -> WeightsConfig:
+    return WeightsConfig(uri="torchvision:vgg16.IMAGENET1K_V1")
+
+
+class StyleConfig(_Config):
+    """Parameters of the train-style-transfer flow (the Prefect UI form)."""
+
+    experiment: str = "visionpipe-style"
+    data: DataConfig = Field(default_factory=_style_data,
+                             description="The content images, and the size they train at.")
+    style_image: str = Field(
+        BUNDLED_STYLE, description="The style image: `file://...`, `https://...`, `s3://...`, or "
+        f"`{BUNDLED_STYLE}` (a pattern shipped with visionpipe, offline).")
+    style_sha256: str | None = Field(
+        None, description="Expected sha256 of the style image; its bytes are hashed and cached "
+        "under the digest either way.")
+    style_name: str | None = Field(
+        None, description="Name of the style; the style image's file name without extension if "
+        "empty.")
+    weights: WeightsConfig = Field(default_factory=_vgg_weights,
+                                   description="The loss network's pretrained weights.")
+    loss: StyleLossConfig = Field(default_factory=StyleLossConfig)
+    train: StyleTrainConfig = Field(default_factory=StyleTrainConfig)
+    registry: StyleRegistryConfig = Field(default_factory=StyleRegistryConfig)
+
+    @field_validator("style_sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        return full_sha256(value)
+
+    @model_validator(mode="after")
+    def _weights_match_network(self) -> StyleConfig:
+        mismatch = weights_arch_mismatch(self.weights.uri, self.loss.network)
+        if mismatch is not None:
+            raise ValueError(mismatch.replace("finetune.arch", "loss.network"))
+        return self
+
+    @property
+    def style(self) -> str:
+        if self.style_name:
+            return self.style_name
+        name = self.style_image.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+        return name.rsplit(".", 1)[0] or "style"
+
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name or f"{self.style}-stylizer"
+
+
+class GatysConfig(_Config):
+    """One picture, optimised pixel by pixel against one style (Gatys et al. 2016)."""
+
+    steps: int = Field(200, gt=0, description="Optimizer steps (L-BFGS: iterations).")
+    optimizer: Literal["lbfgs", "adam"] = "lbfgs"
+    lr: float = Field(1.0, gt=0, description="L-BFGS's step size, or Adam's rate (e.g. 0.02).")
+    image_size: int = Field(256, ge=16, le=2048, description="Short side of the content image.")
+    loss: StyleLossConfig = Field(default_factory=lambda: StyleLossConfig(
+        content_layer="relu4_2", style_layers=["relu1_1", "relu2_1", "relu3_1", "relu4_1",
+                                               "relu5_1"], network="vgg19", content_weight=1.0,
+        style_weight=1e6, tv_weight=0.0))
+    weights: WeightsConfig = Field(default_factory=lambda: WeightsConfig(
+        uri="torchvision:vgg19.IMAGENET1K_V1"), description="The loss network's weights.")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _weights_match_network(self) -> GatysConfig:
+        mismatch = weights_arch_mismatch(self.weights.uri, self.loss.network)
+        if mismatch is not None:
+            raise ValueError(mismatch.replace("finetune.arch", "loss.network"))
+        return self

@@ -263,7 +263,7 @@ def champion_version(model_name: str, alias: str) -> str | None:
     return None
 
 
-def _read_champion(model_name: str, alias: str, when: str) -> str | None:
+def read_champion(model_name: str, alias: str, when: str) -> str | None:
     try:
         return champion_version(model_name, alias)
     except MlflowException as exc:
@@ -285,7 +285,7 @@ def gate_champion(best: Registration, dataset: PreparedDataset, cfg: RegistryCon
     champion by more than ``min_improvement``.
     """
     metric, alias = cfg.champion_metric, cfg.alias
-    current = _read_champion(best.model_name, alias, "before comparing (nothing was tagged)")
+    current = read_champion(best.model_name, alias, "before comparing (nothing was tagged)")
     if current is not None and current == best.version:
         return _decided_before(best, dataset, cfg, current)
     configure_tracking()
@@ -312,7 +312,7 @@ def gate_champion(best: Registration, dataset: PreparedDataset, cfg: RegistryCon
                           f"passes the quality floor ({floor})")
     else:
         decision = _against_champion(best, candidate, dataset, cfg, current, score, decide)
-    _apply_decision(decision, best.model_name, alias)
+    apply_decision(decision, best.model_name, alias)
     return decision
 
 
@@ -372,7 +372,7 @@ def _decided_before(best: Registration, dataset: PreparedDataset, cfg: RegistryC
         rule=tags.get("gate_rule", ""))
 
 
-def _apply_decision(decision: GateDecision, model_name: str, alias: str) -> None:
+def apply_decision(decision: GateDecision, model_name: str, alias: str) -> None:
     mlflow_client = client()
     tags = {"gate_decision": "promoted" if decision.promoted else "kept_champion",
             "gate_reason": decision.reason, "gate_metric": decision.metric,
@@ -387,7 +387,7 @@ def _apply_decision(decision: GateDecision, model_name: str, alias: str) -> None
         mlflow_client.set_model_version_tag(model_name, decision.candidate_version, key, value)
     if decision.promoted:
         # Re-read the alias just before moving it: another run may have moved it meanwhile.
-        now = _read_champion(model_name, alias, f"again before moving it (version "
+        now = read_champion(model_name, alias, f"again before moving it (version "
                              f"{decision.candidate_version} already carries the gate tags)")
         if now != decision.champion_version:
             raise RuntimeError(f"{alias} of {model_name} moved during the gate; re-run registration")

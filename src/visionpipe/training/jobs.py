@@ -59,9 +59,14 @@ class FinetuneJob(BaseModel):
 def finetune_processes(cfg: FinetuneConfig) -> int:
     """Ranks of a fine-tune on this host: as configured, else one per visible GPU; one on a
     host without GPUs (or asked for the CPU), where a plain process trains."""
-    if cfg.launch.nproc_per_node:
-        return cfg.launch.nproc_per_node
-    if cfg.device == "cpu" or cfg.launch.backend == "gloo":
+    return processes_per_gpu(cfg.launch, cfg.device)
+
+
+def processes_per_gpu(launch_cfg: LaunchConfig, device: str) -> int:
+    """``launch_cfg.nproc_per_node``, else one process per visible GPU, one without any."""
+    if launch_cfg.nproc_per_node:
+        return launch_cfg.nproc_per_node
+    if device == "cpu" or launch_cfg.backend == "gloo":
         return 1
     return max(1, torch.cuda.device_count())
 
@@ -97,8 +102,9 @@ def launch_on_this_node(cfg: GoogLeNetConfig, dataset: PreparedDataset, out_dir:
     """
     job_path, result_path = out_dir / "job.json", out_dir / "result.json"
     write_worker_job(job_path, cfg, dataset, out_dir, result_path, mlflow_run_id)
-    return _launch("train-googlenet", cfg.launch, launch.default_nproc(cfg.launch), job_path,
-                   launch.WORKER_MODULE, rdzv_id, on_line, hold_compute, stop, logger)
+    launch_job("train-googlenet", cfg.launch, launch.default_nproc(cfg.launch), job_path,
+               launch.WORKER_MODULE, rdzv_id, on_line, hold_compute, stop, logger)
+    return TrainResult.model_validate_json(result_path.read_text())
 
 
 def launch_finetune(cfg: FinetuneConfig, dataset: PreparedDataset, weights_path: Path,
@@ -117,14 +123,18 @@ def launch_finetune(cfg: FinetuneConfig, dataset: PreparedDataset, weights_path:
                       mlflow_run_id=mlflow_run_id)
     job_path.parent.mkdir(parents=True, exist_ok=True)
     job_path.write_text(job.model_dump_json(indent=2))
-    return _launch("finetune-backbone", cfg.launch, finetune_processes(cfg), job_path,
-                   launch.FINETUNE_WORKER_MODULE, rdzv_id, on_line, hold_compute, stop, logger)
+    launch_job("finetune-backbone", cfg.launch, finetune_processes(cfg), job_path,
+               launch.FINETUNE_WORKER_MODULE, rdzv_id, on_line, hold_compute, stop, logger)
+    return TrainResult.model_validate_json(result_path.read_text())
 
 
-def _launch(stage: str, launch_cfg: LaunchConfig, nproc: int, job_path: Path, module: str,
-            rdzv_id: str, on_line: Callable[[int | None, str], None],
-            hold_compute: Callable[[int], AbstractContextManager[Any]],
-            stop: threading.Event | None, logger: Logger) -> TrainResult:
+def launch_job(stage: str, launch_cfg: LaunchConfig, nproc: int, job_path: Path, module: str,
+               rdzv_id: str, on_line: Callable[[int | None, str], None],
+               hold_compute: Callable[[int], AbstractContextManager[Any]],
+               stop: threading.Event | None, logger: Logger) -> None:
+    """Run ``module`` on ``nproc`` ranks of this host with torchrun on the job file at
+    ``job_path`` (``hold_compute``, ``stop``: as in ``launch_on_this_node``); rank 0 leaves
+    its result beside the job file."""
     out_dir = job_path.parent
     cmd = launch.torchrun_command(launch_cfg, job_path, nproc, rdzv_id=rdzv_id, module=module)
     logger.info("launching %d process(es) per node: %s", nproc, " ".join(cmd))
@@ -143,4 +153,3 @@ def _launch(stage: str, launch_cfg: LaunchConfig, nproc: int, job_path: Path, mo
                     f"training was preempted ({marker.read_text().strip()}); a retry resumes "
                     "from its checkpoint") from exc
             raise
-    return TrainResult.model_validate_json((out_dir / "result.json").read_text())

@@ -15,7 +15,7 @@ together), ``errors``.
 from visionpipe.digests import file_sha256
 from visionpipe.weights.cache import FetchedWeights
 from visionpipe.errors import WeightsError, WeightsUnavailable
-from visionpipe.weights.fetch import fetch_weights
+from visionpipe.weights.fetch import fetch_file, fetch_weights
 from visionpipe.weights.sources import digest_prefix, resolve_torchvision_uri
 from visionpipe.weights.state_dict import (
     RANDOM_INIT,
@@ -31,6 +31,7 @@ __all__ = [
     "WeightsUnavailable",
     "check_state_dict_keys",
     "digest_prefix",
+    "fetch_file",
     "fetch_weights",
     "file_sha256",
     "load_state_dict_file",

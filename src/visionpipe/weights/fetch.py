@@ -53,3 +53,14 @@ def _fetch_once(cfg: WeightsConfig, cache: Path) -> tuple[Path, str]:
     path, digest = store_verified(cache, source, cfg.uri)
     log.info("weights from %s cached at %s (sha256 %s)", redact(cfg.uri), path, digest)
     return path, digest
+
+
+def fetch_file(uri: str, sha256: str | None, kind: str, *, attempts: int = 4,
+               timeout_s: float = 30.0, backoff_s: float = 0.5) -> tuple[Path, str]:
+    """Any file (a style image, say) fetched like weights: ``file://``, ``https://``, ``s3://``,
+    retried on network errors, hashed while it is written, checked against ``sha256`` when
+    given, and cached under ``cache_dir(kind)`` by its digest. No random-init fallback: a file
+    that cannot be fetched raises ``WeightsUnavailable`` (or ``WeightsError``) naming the fix."""
+    cfg = WeightsConfig(uri=uri, sha256=sha256, attempts=attempts, timeout_s=timeout_s)
+    cache = cache_dir(kind)
+    return with_retries(lambda: _fetch_once(cfg, cache), uri, attempts, backoff_s)

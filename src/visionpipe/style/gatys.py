@@ -1,0 +1,43 @@
+"""One picture stylised by optimising its pixels (Gatys et al. 2016), with the same loss module
+the feed-forward network trains against."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from visionpipe.config import GatysConfig
+from visionpipe.style.loss import LossTerms, PerceptualLoss
+
+log = logging.getLogger(__name__)
+
+
+def stylize_by_optimisation(content: torch.Tensor, criterion: PerceptualLoss, cfg: GatysConfig,
+                            on_step: Callable[[int, LossTerms], None] | None = None) -> torch.Tensor:
+    """``content`` (``1 x 3 x H x W`` in [0, 1]) optimised ``cfg.steps`` steps from itself
+    towards the style ``criterion`` holds; returns the image (clamped to [0, 1])."""
+    torch.manual_seed(cfg.seed)
+    content = content.detach()
+    image = content.clone().requires_grad_(True)
+    last: list[LossTerms] = []
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        terms = criterion(image, content)
+        terms.total.backward()
+        last[:] = [terms.detached()]
+        return terms.total
+
+    if cfg.optimizer == "lbfgs":
+        optimizer: torch.optim.Optimizer = torch.optim.LBFGS([image], lr=cfg.lr, max_iter=1)
+    else:
+        optimizer = torch.optim.Adam([image], lr=cfg.lr)
+    for step in range(1, cfg.steps + 1):
+        optimizer.step(closure)
+        with torch.no_grad():
+            image.clamp_(0, 1)
+        if on_step is not None and last:
+            on_step(step, last[0])
+    return image.detach()
