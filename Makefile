@@ -70,6 +70,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/trainer.py
 	$(VENV)/bin/python bench/photo_loader.py
 	$(VENV)/bin/python bench/photo_accuracy.py
+	$(VENV)/bin/python bench/style_serving.py
 
 clean:
 	rm -rf $(VISIONPIPE_HOME)

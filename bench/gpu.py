@@ -30,6 +30,9 @@ fails is recorded as ``<section>_error`` and the next one runs):
    JPEGs, reading the dataset version's prepared copy as every epoch after the first does:
    images/s against section 1's synthetic figure (``photo_resnet50_vs_synthetic``), and the
    loader alone.
+7. ``style``: the style-transfer network (Johnson et al., 32 channels, 5 residual blocks)
+   trained against the VGG-16 perceptual loss (random VGG weights: speed only) at 256 x 256,
+   batch 16: training images/s (``style_train_images_per_s``).
 6. ``stream``: the large-dataset path, 4,096 synthetic 500 x 375 JPEGs streamed at 224 x 224
    by DataLoader workers decoding on the CPU, against decoding on the GPU (nvjpeg); loader only.
 
@@ -75,6 +78,7 @@ from visionpipe.training.loop import (  # noqa: E402
 EXPECTED_COMPILE_S = {"resnet50": 60.0, "googlenet": 130.0}
 EXPECTED_STREAM_S = 45.0
 EXPECTED_PHOTO_S = 90.0  # an estimate (drawing and preparing the folder, 3 passes): not yet run
+EXPECTED_STYLE_S = 30.0  # an estimate: not yet run on a GPU
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -380,6 +384,34 @@ def section_photo(figures: Figures, device: torch.device, smoke: bool, workers: 
     print(line, flush=True)
 
 
+def section_style(figures: Figures, device: torch.device, smoke: bool, rounds: int) -> None:
+    """Style network training images/s against the perceptual loss (``visionpipe.style``)."""
+    from visionpipe.style.images import make_waves
+    from visionpipe.style.loss import LossNetwork, PerceptualLoss
+    from visionpipe.style.network import TransformerNet
+    import torchvision.transforms.v2.functional as tvf
+
+    size, batch, steps = (32, 2, 2) if smoke else (256, 16, 20)
+    layers = ["relu1_2", "relu2_2", "relu3_3", "relu4_3"]
+    network = LossNetwork("vgg16", layers).to(device)
+    style = (tvf.pil_to_tensor(make_waves(size)).float() / 255).unsqueeze(0).to(device)
+    criterion = PerceptualLoss(network, "relu2_2", layers, style, 1e5, 1e10, 1e3)
+    net = TransformerNet(4 if smoke else 32, 1 if smoke else 5).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    content = torch.rand(batch, 3, size, size, device=device)
+
+    def run() -> int:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            criterion(net(content), content).total.backward()
+            optimizer.step()
+        return steps * batch
+
+    result = measure(run, device, rounds)
+    figures.add(style_train_images_per_s=result["rate"], style_image_size=size, style_batch=batch)
+    print(f"style: training {result['rate']:8.1f} img/s at {size}x{size}, batch {batch}", flush=True)
+
+
 def section_stream(figures: Figures, device: torch.device, count: int, size: int, batch: int,
                    workers: int) -> None:
     """Images/s of the streaming loader over ``count`` synthetic JPEGs, CPU vs device decoding."""
@@ -428,7 +460,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=420,
                         help="skip the compile modes and the stream section that would end after "
                         "this many seconds from the start (leaves a device call of 8 minutes room)")
-    parser.add_argument("--sections", default="synthetic,pipeline,small,compile,photo,stream")
+    parser.add_argument("--sections", default="synthetic,pipeline,small,compile,photo,style,stream")
     parser.add_argument("--compile-modes", default="default,reduce-overhead",
                         help="the first before the stream section, the rest after it")
     parser.add_argument("--compile-models", default="resnet50,googlenet")
@@ -476,12 +508,20 @@ def main() -> int:
         photo_workers = 1 if smoke else max((os.cpu_count() or 2) - 2, 1)
         section_photo(figures, device, smoke, photo_workers, rounds)
 
-    # The figures the issues ask for first (synthetic, small, photo), then the extras.
+    def style() -> None:
+        if not smoke and time.perf_counter() + EXPECTED_STYLE_S > deadline:
+            print("style: skipped, it would end after the time budget", flush=True)
+            figures.add(style_skipped="time budget")
+            return
+        section_style(figures, device, smoke, rounds)
+
+    # The figures the issues ask for first (synthetic, small, photo, style), then the extras.
     plan: list[tuple[str, Callable[[], None]]] = [
         ("synthetic", lambda: section_synthetic(figures, device, data, rounds)),
         ("small", lambda: section_small(figures, device, 64 if smoke else 16_384, 16 if smoke else 256,
                                         rounds, workers, small_modes, deadline)),
         ("photo", photo),
+        ("style", style),
         ("pipeline", lambda: section_pipeline(figures, device, smoke)),
         ("compile", lambda: section_compile(figures, device, data, rounds, modes[:1], models,
                                             deadline)),

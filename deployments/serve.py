@@ -10,7 +10,10 @@ pool and job variables (Prefect's own format, which ``prefect deploy`` reads too
   the offline quickstart's parameters as defaults so it runs on any machine;
 - ``score-images/on-demand``: batch scoring with the champion;
 - ``ddp-node/ddp-node``: one node of a multi-node GoogLeNet launch, started by the GoogLeNet
-  task once per node (``googlenet.launch.nnodes`` above 1).
+  task once per node (``googlenet.launch.nnodes`` above 1);
+- ``train-style-transfer/weekly``: a stylisation network for one style; its schedule is off
+  (``active: false``) until an operator turns it on;
+- ``stylize-image/on-demand``: one picture in one style by optimisation.
 
 Against whatever ``PREFECT_API_URL`` and ``MLFLOW_TRACKING_URI`` point at.
 """
@@ -30,8 +33,10 @@ from prefect.schedules import Cron
 
 from flows.ddp_node import ddp_node
 from flows.score_images import score_images
+from flows.stylize_image import stylize_image
 from flows.train_image_classifiers import train_image_classifiers
-from visionpipe.config import PipelineConfig
+from flows.train_style_transfer import train_style_transfer
+from visionpipe.config import GatysConfig, PipelineConfig, StyleConfig
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 
@@ -39,7 +44,13 @@ ENTRYPOINTS = {
     "train-image-classifiers": "flows/train_image_classifiers.py:train_image_classifiers",
     "score-images": "flows/score_images.py:score_images",
     "ddp-node": "flows/ddp_node.py:ddp_node",
+    "train-style-transfer": "flows/train_style_transfer.py:train_style_transfer",
+    "stylize-image": "flows/stylize_image.py:stylize_image",
 }
+# The pydantic model of each flow's ``config`` parameter, checked when the file is read.
+_CONFIGS: dict[str, type[PipelineConfig | StyleConfig | GatysConfig]] = {
+    "train-image-classifiers": PipelineConfig, "train-style-transfer": StyleConfig,
+    "stylize-image": GatysConfig}
 _FLOW_OF_ENTRYPOINT = {entrypoint: name for name, entrypoint in ENTRYPOINTS.items()}
 
 
@@ -52,15 +63,17 @@ def _flows(source: str | None) -> dict[str, Flow[..., Any]]:
     work pool's worker runs them from there."""
     if source is None:
         return {"train-image-classifiers": train_image_classifiers, "score-images": score_images,
-                "ddp-node": ddp_node}
+                "ddp-node": ddp_node, "train-style-transfer": train_style_transfer,
+                "stylize-image": stylize_image}
     return {name: Flow.from_source(source, entrypoint)  # type: ignore[misc]
             for name, entrypoint in ENTRYPOINTS.items()}
 
 
 def load_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
     """The deployments of ``path``, each checked: a known entrypoint, schedules with a cron and
-    a timezone, and a train-image-classifiers ``config`` that validates as a PipelineConfig
-    (expanded to every field, so that the UI form shows the values the run will use)."""
+    a timezone, and a ``config`` that validates as its flow's model (PipelineConfig,
+    StyleConfig, GatysConfig), expanded to every field, so that the UI form shows the values
+    the run will use."""
     specs = (yaml.safe_load(path.read_text()) or {}).get("deployments") or []
     checked = []
     for spec in specs:
@@ -70,12 +83,13 @@ def load_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
             raise DeploymentFileError(f"{where}: entrypoint {entrypoint!r} is not one of "
                                       f"{sorted(_FLOW_OF_ENTRYPOINT)}")
         parameters = dict(spec.get("parameters") or {})
-        if _FLOW_OF_ENTRYPOINT[entrypoint] == "train-image-classifiers":
+        model = _CONFIGS.get(_FLOW_OF_ENTRYPOINT[entrypoint])
+        if model is not None:
             try:
-                config = PipelineConfig.model_validate(parameters.get("config") or {})
+                config = model.model_validate(parameters.get("config") or {})
             except ValueError as exc:
                 raise DeploymentFileError(f"{where}: parameters.config is not a valid "
-                                          f"PipelineConfig: {exc}") from exc
+                                          f"{model.__name__}: {exc}") from exc
             parameters["config"] = config.model_dump(mode="json")
         for schedule in spec.get("schedules") or []:
             if "cron" not in schedule:
@@ -97,7 +111,8 @@ def deployments(source: str | None = None, only: Sequence[str] = tuple(ENTRYPOIN
         pool = spec.get("work_pool") or {}
         built.append(flows[flow_name].to_deployment(
             spec["name"], description=spec.get("description"), tags=spec.get("tags"),
-            schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC"))
+            schedules=[Cron(s["cron"], timezone=s.get("timezone", "UTC"),
+                            active=bool(s.get("active", True)))
                        for s in spec.get("schedules") or []],
             parameters=spec["parameters"] or None, work_pool_name=pool.get("name"),
             job_variables=pool.get("job_variables") or None))

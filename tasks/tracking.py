@@ -6,17 +6,18 @@ from prefect import runtime, task
 
 from tasks.common import per_flow_run
 from visionpipe import faults, tracking
-from visionpipe.config import PipelineConfig
+from visionpipe.config import PipelineConfig, StyleConfig
 from visionpipe.tracking import TrackingContext
 
 
 @task(name="open-tracking-run", retries=3, retry_delay_seconds=[2, 10, 30],
       cache_key_fn=per_flow_run, persist_result=True)
-def open_tracking_run(config: PipelineConfig) -> TrackingContext:
-    """One MLflow parent run per flow run, tagged with the flow run and the git commit."""
+def open_tracking_run(config: PipelineConfig | StyleConfig) -> TrackingContext:
+    """One MLflow parent run per flow run (named after the flow and the flow run), tagged with
+    the flow run and the git commit."""
     flow_run_id = str(runtime.flow_run.id or "local")
     experiment_id = tracking.ensure_experiment(config.experiment)
-    name = f"train-image-classifiers/{runtime.flow_run.name or 'local'}"
+    name = f"{runtime.flow_run.flow_name or 'local'}/{runtime.flow_run.name or 'local'}"
     tags = {"prefect.flow_run_id": flow_run_id, "git_commit": tracking.git_commit()}
     if runtime.flow_run.id:  # a retry continues the run its first attempt created
         run_id = tracking.find_or_start_run(experiment_id, name, tags, "prefect.flow_run_id")

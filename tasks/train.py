@@ -38,6 +38,10 @@ class EpochReporter:
             "%s epoch %d/%d [%s] train loss %.4f top-1 %.3f | val top-1 %.3f (%.0f img/s)",
             self.candidate, epoch, self.total, record["phase"], record["train_loss"],
             record["train_top1"], record["val_top1"], record["train_images_per_s"])
+        self.advance(epoch)
+
+    def advance(self, epoch: int) -> None:
+        """The bar at ``epoch`` of the total."""
         update_progress_artifact(self.artifact_id, progress=min(100.0, 100.0 * epoch / self.total))
 
     def done(self) -> None:

@@ -43,6 +43,12 @@ def test_photo_accuracy_benchmark_smoke_reports_every_figure() -> None:
     assert figures["photo_accuracy_vs_plain"] == ours / max(figures["photo_top1_plain"], 1e-9)
 
 
+def test_style_serving_benchmark_smoke_reports_the_ratio() -> None:
+    figures = _last_json([sys.executable, "bench/style_serving.py", "--smoke"])
+    assert figures["style_pyfunc_images_per_s"] > 0 and figures["style_plain_images_per_s"] > 0
+    assert 0 < figures["style_pyfunc_vs_plain"] < 10
+
+
 def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     figures = _last_json(["bash", "bench/gpu.sh", "--smoke", "--out", str(out)])

@@ -218,3 +218,28 @@ def test_finetune_on_two_ranks_trains_the_same_head_on_cached_features_as_on_ima
         heads.append(load_checkpoint(Path(result.last_checkpoint))["model"])
     for key in ("fc.weight", "fc.bias"):
         torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-4, atol=1e-5)
+
+
+def test_the_style_network_on_two_ranks_resumes_after_a_killed_rank_to_the_same_weights(
+        vp_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.style_fixtures import TINY_LOSS, TINY_TRAIN, style_inputs
+    from visionpipe.style.worker import launch_style
+
+    inputs = style_inputs(tmp_path, max_per_class=8)
+    train = TINY_TRAIN.model_copy(update={"launch": LaunchConfig(nproc_per_node=2), "batch_size": 4})
+    straight = launch_style(train, TINY_LOSS, inputs, tmp_path / "straight", None, "style-a",
+                            lambda rank, line: None)
+    assert straight.world_size == 2 and len(set(straight.rank_weight_digests)) == 1
+    assert straight.epochs_run == 2 and straight.resumed_from_epoch is None
+    monkeypatch.setenv("VISIONPIPE_INJECT_FAULT", f"die:1@{tmp_path / 'died'}")
+    with pytest.raises(LaunchError) as err:  # rank 1 is SIGKILLed as its second epoch starts
+        launch_style(train, TINY_LOSS, inputs, tmp_path / "retried", None, "style-b",
+                     lambda rank, line: None)
+    assert "DDP worker failed" in str(err.value)
+    assert load_checkpoint(tmp_path / "retried" / "last.pt")["epoch"] == 1
+    resumed = launch_style(train, TINY_LOSS, inputs, tmp_path / "retried", None, "style-c",
+                           lambda rank, line: None)
+    assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == 2
+    a = load_checkpoint(Path(straight.checkpoint))["model"]
+    b = load_checkpoint(Path(resumed.checkpoint))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run ends elsewhere"

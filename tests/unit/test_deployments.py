@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from deployments.serve import deployments
-from visionpipe.config import PipelineConfig
+from visionpipe.config import PipelineConfig, StyleConfig
 from visionpipe.training.multinode import render_job_variables, rendezvous_id
 
 
@@ -36,11 +36,24 @@ def test_every_deployment_of_prefect_yaml_validates_and_names_its_work_pool() ->
     from deployments.serve import PREFECT_YAML
 
     raw = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
-    assert len(raw) == len(deployments()) == 4
+    assert len(raw) == len(deployments()) == 6
     for spec in raw:
         assert spec["work_pool"]["name"], spec["name"]
         if spec["entrypoint"].endswith(":train_image_classifiers"):
             PipelineConfig.model_validate(spec["parameters"]["config"])
+        if spec["entrypoint"].endswith(":train_style_transfer"):
+            StyleConfig.model_validate(spec["parameters"]["config"])
+
+
+def test_the_style_flows_have_their_own_deployments_the_schedule_off_by_default() -> None:
+    by_name = {(d.flow_name, d.name): d for d in deployments()}
+    weekly = by_name[("train-style-transfer", "weekly")]
+    (schedule,) = weekly.schedules
+    assert schedule.active is False and schedule.schedule.cron == "0 3 * * 0"
+    config = StyleConfig.model_validate(weekly.parameters["config"])
+    assert config.style_image == "bundled:waves" and config.model_name == "waves-stylizer"
+    assert config.weights.uri == "torchvision:vgg16.IMAGENET1K_V1"
+    assert ("stylize-image", "on-demand") in by_name
 
 
 def test_an_operator_changes_the_nightly_in_yaml_and_a_bad_value_names_the_deployment(

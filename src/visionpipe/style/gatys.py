@@ -19,8 +19,8 @@ def stylize_by_optimisation(content: torch.Tensor, criterion: PerceptualLoss, cf
     """``content`` (``1 x 3 x H x W`` in [0, 1]) optimised ``cfg.steps`` steps from itself
     towards the style ``criterion`` holds; returns the image (clamped to [0, 1])."""
     torch.manual_seed(cfg.seed)
-    content = content.detach()
-    image = content.clone().requires_grad_(True)
+    content = content.detach().contiguous()
+    image = content.clone().requires_grad_(True)  # L-BFGS views the gradient flat: contiguous
     last: list[LossTerms] = []
 
     def closure() -> torch.Tensor:

@@ -37,7 +37,7 @@ def load_image(source: bytes | Path, short_side: int | None = None) -> torch.Ten
     tensor = tvf.pil_to_tensor(open_image(data))
     if short_side is not None:
         tensor = tvf.resize(tensor, [short_side], antialias=True)
-    return (tensor.float() / 255.0).unsqueeze(0)
+    return (tensor.float() / 255.0).unsqueeze(0).contiguous()
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
