@@ -573,6 +573,10 @@ class StyleTrainConfig(_Config):
     channels: int = Field(32, ge=2, le=256, description="Width of the first convolution "
                           "(Johnson et al.: 32; the deeper ones are 2x and 4x).")
     residual_blocks: int = Field(5, ge=1, le=16)
+    autocast_bf16: bool | None = Field(
+        None, description="The GPU fast path: bf16 autocast of the network and the loss network "
+        "(Gram matrices in float32) and channels-last images. Empty: on with CUDA, off on the CPU "
+        "(where bf16 is slower).")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     launch: LaunchConfig = Field(

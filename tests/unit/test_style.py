@@ -4,6 +4,7 @@ the network's shapes, a training whose loss falls and resumes, and Gatys' optimi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -108,6 +109,17 @@ def _gatys(criterion: PerceptualLoss, content: torch.Tensor, **changes: object) 
     return image, styles
 
 
+def test_the_fast_path_trains_in_bf16_with_float32_gram_matrices(vp_home: Path, tmp_path: Path) -> None:
+    """The GPU fast path (bf16 autocast, channels-last), run here on the CPU: it still learns."""
+    inputs = style_inputs(tmp_path)
+    result = train_style(TINY_TRAIN.model_copy(update={"autocast_bf16": True, "epochs": 2}),
+                         TINY_LOSS, inputs, tmp_path / "fast")
+    losses = [r["total_loss"] for r in result.history]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gram(torch.rand(1, 4, 3, 3).bfloat16()).dtype == torch.float32
+
+
 def test_gatys_with_the_style_image_as_content_keeps_the_style_loss_near_zero(tmp_path: Path) -> None:
     style = load_image(bundled_style_path(), 32)
     criterion = _tiny_loss(tmp_path, style, content=1.0, style=1e9, tv=0.0)
@@ -129,3 +141,21 @@ def test_the_style_config_names_the_model_after_the_style_and_checks_the_weights
     assert StyleConfig(style_image="s3://art/starry-night.jpg").model_name == "starry-night-stylizer"
     with pytest.raises(ValueError, match="are for resnet50 but loss.network is 'vgg16'"):
         StyleConfig(weights={"uri": "torchvision:resnet50.IMAGENET1K_V2"})
+
+
+def test_the_style_image_is_fetched_verified_and_cached_like_weights(
+        vp_home: Path, http_server: Any) -> None:
+    from visionpipe.digests import file_sha256
+    from visionpipe.errors import WeightsError
+    from visionpipe.weights import fetch_file
+
+    data = bundled_style_path().read_bytes()
+    digest = file_sha256(bundled_style_path())
+    url = http_server.serve("/styles/waves.png", data)
+    path, got = fetch_file(url, digest, "images")
+    assert got == digest and path.read_bytes() == data and path.parent.name == "images"
+    again, _ = fetch_file(url, digest, "images")  # from the cache, not the server
+    assert again == path and http_server.hits["/styles/waves.png"] == 1
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        fetch_file(http_server.serve("/styles/other.png", data[:-1]), "0" * 64, "images")
+    assert not list(path.parent.glob(".partial-*")), "a refused download leaves nothing behind"

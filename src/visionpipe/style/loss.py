@@ -61,8 +61,9 @@ def check_layers(network: str, layers: Sequence[str]) -> None:
 def gram(features: torch.Tensor) -> torch.Tensor:
     """``N x C x C`` Gram matrices of ``N x C x H x W`` features, divided by ``C x H x W``."""
     n, c, h, w = features.shape
-    flat = features.reshape(n, c, h * w)
-    return torch.bmm(flat, flat.transpose(1, 2)) / (c * h * w)
+    flat = features.float().reshape(n, c, h * w)  # float32 under bf16 autocast too
+    with torch.autocast(features.device.type, enabled=False):
+        return torch.bmm(flat, flat.transpose(1, 2)) / (c * h * w)
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,11 @@ def train_style(train: StyleTrainConfig, loss: StyleLossConfig, inputs: StyleInp
     spec = StyleSpec(style=inputs.style, style_sha256=inputs.style_sha256, channels=train.channels,
                      residual_blocks=train.residual_blocks, image_size=dataset.image_size,
                      loss_network=loss.network)
+    fast = ctx.device.type == "cuda" if train.autocast_bf16 is None else train.autocast_bf16
     net = build_style_network(spec).to(ctx.device)
+    if fast:
+        net = net.to(memory_format=torch.channels_last)
+        criterion = criterion.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=train.lr)
     history: list[EpochRecord] = []
     saved = latest_checkpoint(out_dir)  # every rank reads rank 0's files
@@ -119,7 +123,7 @@ def train_style(train: StyleTrainConfig, loss: StyleLossConfig, inputs: StyleInp
         if epoch > 1:
             faults.inject("die", ctx.rank)  # test hook: a rank lost after a checkpoint
         torch.manual_seed(train.seed * 100_003 + epoch * 7919 + ctx.rank)
-        record = _train_epoch(model, optimizer, criterion, data, train, epoch, ctx, shard)
+        record = _train_epoch(model, optimizer, criterion, data, train, epoch, ctx, shard, fast)
         record.update(_validate(net, criterion, data, train.batch_size, ctx, shard))
         history.append(record)
         if ctx.is_main:
@@ -136,7 +140,7 @@ def train_style(train: StyleTrainConfig, loss: StyleLossConfig, inputs: StyleInp
 
 def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: PerceptualLoss,
                  data: TrainingData, train: StyleTrainConfig, epoch: int, ctx: DistContext,
-                 shard: Shard | None) -> EpochRecord:
+                 shard: Shard | None, fast: bool) -> EpochRecord:
     model.train()
     sums = torch.zeros(len(_TERMS) + 1, dtype=torch.float64)
     start = time.perf_counter()
@@ -145,7 +149,10 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, crite
                            shard=shard, drop_lone_last=True)
     for images, _ in batches:
         content = images.to(ctx.device, non_blocking=True).float() / 255.0
-        terms = criterion(model(content), content)
+        if fast:  # bf16 autocast and NHWC on the GPU; the Gram matrices stay float32
+            content = content.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=fast):
+            terms = criterion(model(content), content)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         optimizer.step()
