@@ -147,7 +147,8 @@ def head_cache_speedup(images: torch.Tensor, labels: torch.Tensor, batch: int, r
     """A cached-feature head epoch against one that forwards the frozen backbone."""
     from visionpipe.config import FinetuneConfig
     from visionpipe.training.core import TrainingData
-    from visionpipe.training.finetune import _phase_batches
+    from visionpipe.training.distributed import DistContext
+    from visionpipe.training.finetune import phase_batches
 
     model = build_backbone("resnet50", 10)
     set_trainable(model, ["fc"])
@@ -157,7 +158,8 @@ def head_cache_speedup(images: torch.Tensor, labels: torch.Tensor, batch: int, r
         cfg = FinetuneConfig(arch="resnet50", batch_size=batch, cache_frozen_features=cached)
         data = TrainingData(None, cfg.fast, device, splits={"train": (images, labels),
                                                             "val": (images[:batch], labels[:batch])})
-        batches = _phase_batches(model, cfg, data, device)  # the cache is built here, once
+        alone = DistContext(0, 0, 1, device, True)
+        batches = phase_batches(model, cfg, data, alone)  # the cache is built here, once
         optimizer = torch.optim.SGD(batches.train_model.parameters(), lr=1e-3)
         epochs = []
         for epoch in range(rounds):

@@ -6,13 +6,12 @@ import os
 import sys
 
 from prefect import flow
-from prefect.client.schemas.objects import Flow, FlowRun, State
 
 from tasks.data import log_dataset, prepare_dataset_cached
 from tasks.evaluate import evaluate_candidates
 from tasks.register import register_model
 from tasks.retention import apply_retention
-from tasks.tracking import close_tracking_run, open_tracking_run
+from tasks.tracking import close_tracking_run, fail_tracking_runs, open_tracking_run
 from tasks.timings import record_timings
 from tasks.alongside import start_googlenet, stopped_on_error, train_candidates
 from tasks.weights import fetch_pretrained_weights, fetch_pretrained_weights_cached
@@ -21,12 +20,8 @@ from visionpipe.config import PipelineConfig, quickstart
 from visionpipe.summary import PipelineSummary
 
 
-def _fail_tracking_runs(flow_: Flow, flow_run: FlowRun, state: State) -> None:
-    tracking.fail_runs_of_flow_run(str(flow_run.id))
-
-
-@flow(name="train-image-classifiers", on_failure=[_fail_tracking_runs],
-      on_crashed=[_fail_tracking_runs])
+@flow(name="train-image-classifiers", on_failure=[fail_tracking_runs],
+      on_crashed=[fail_tracking_runs])
 def train_image_classifiers(config: PipelineConfig = PipelineConfig()) -> PipelineSummary:  # noqa: B008
     """Train image classifiers and register the best one.
 

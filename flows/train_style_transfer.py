@@ -5,14 +5,14 @@ from __future__ import annotations
 import sys
 
 from prefect import flow
-from prefect.client.schemas.objects import Flow, FlowRun, State
 from pydantic import BaseModel
 
 from tasks.data import log_dataset, prepare_dataset_cached
+from tasks.retention import apply_retention
 from tasks.style import evaluate_style_task, fetch_image, register_style_model, train_style_network
-from tasks.tracking import close_tracking_run, open_tracking_run
+from tasks.tracking import close_tracking_run, fail_tracking_runs, open_tracking_run
 from tasks.weights import fetch_pretrained_weights, fetch_pretrained_weights_cached
-from visionpipe import registry, settings, tracking
+from visionpipe import registry, settings
 from visionpipe.config import StyleConfig
 from visionpipe.registry import GateDecision
 from visionpipe.style.train import StyleInputs
@@ -44,12 +44,8 @@ class StyleSummary(BaseModel):
         return "\n".join(lines)
 
 
-def _fail_tracking_runs(flow_: Flow, flow_run: FlowRun, state: State) -> None:
-    tracking.fail_runs_of_flow_run(str(flow_run.id))
-
-
-@flow(name="train-style-transfer", on_failure=[_fail_tracking_runs],
-      on_crashed=[_fail_tracking_runs])
+@flow(name="train-style-transfer", on_failure=[fail_tracking_runs],
+      on_crashed=[fail_tracking_runs])
 def train_style_transfer(config: StyleConfig = StyleConfig()) -> StyleSummary:  # noqa: B008
     """Train a feed-forward stylisation network for one style and register it.
 
@@ -60,6 +56,7 @@ def train_style_transfer(config: StyleConfig = StyleConfig()) -> StyleSummary:  
     5. train-style-network: perceptual loss, DDP under torchrun on every GPU, resumable
     6. evaluate-style: held-out losses, images/s, a before/after grid
     7. register-model: a version; the alias moves only for a lower held-out loss
+    8. retention: old flow runs' checkpoints and unused dataset versions go (as the classifiers')
     """
     fetching = fetch_pretrained_weights.submit(config.weights, config.loss.network)
     styling = fetch_image.submit(config.style_image, config.style_sha256)
@@ -75,6 +72,7 @@ def train_style_transfer(config: StyleConfig = StyleConfig()) -> StyleSummary:  
     candidate = train_style_network(config, inputs, weights.source, context)
     evaluation = evaluate_style_task(config, candidate, inputs, context)
     decision = register_style_model(config, candidate, inputs, context)
+    apply_retention(config.retention, context)
     close_tracking_run(context)
     return StyleSummary(
         model_name=config.model_name, style=config.style, dataset_version=dataset.version,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import runtime, task
+from prefect.client.schemas.objects import Flow, FlowRun, State
 
 from tasks.common import per_flow_run
 from visionpipe import faults, tracking
@@ -31,3 +32,8 @@ def open_tracking_run(config: PipelineConfig | StyleConfig) -> TrackingContext:
 @task(name="close-tracking-run", retries=3, retry_delay_seconds=[2, 10, 30])
 def close_tracking_run(context: TrackingContext, failed: bool = False) -> None:
     tracking.end_run(context.parent_run_id, failed=failed)
+
+
+def fail_tracking_runs(flow_: Flow, flow_run: FlowRun, state: State) -> None:
+    """A flow's on_failure / on_crashed hook: its MLflow runs still open are marked failed."""
+    tracking.fail_runs_of_flow_run(str(flow_run.id))

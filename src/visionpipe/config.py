@@ -304,6 +304,19 @@ class LaunchConfig(_Config):
         return self
 
 
+class OneNodeLaunchConfig(LaunchConfig):
+    """The launch of a stage that trains on the GPUs of one worker (the fine-tune, the style
+    network): its ranks share that host's checkpoint folder."""
+
+    @model_validator(mode="after")
+    def _one_node(self) -> OneNodeLaunchConfig:
+        if self.multinode:
+            raise ValueError(
+                f"nnodes {self.nnodes!r}: this stage runs on one node (all the GPUs of one "
+                "worker); set nnodes to '1'. Training across nodes is googlenet.launch's")
+        return self
+
+
 class FinetuneConfig(_Config):
     """Transfer learning of a torchvision backbone with a new head."""
 
@@ -341,22 +354,12 @@ class FinetuneConfig(_Config):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fast: FastPathConfig = Field(default_factory=FastPathConfig)
-    launch: LaunchConfig = Field(
-        default_factory=LaunchConfig,
+    launch: OneNodeLaunchConfig = Field(
+        default_factory=lambda: OneNodeLaunchConfig(),
         description="How many processes fine-tune: empty nproc_per_node is one per visible GPU "
         "(on a CPU-only host, one plain process: no torchrun). Two or more start the fine-tune "
         "worker with torchrun, as GoogLeNet's; the gloo backend runs them on the CPU. One node "
         "only: its ranks share this host's checkpoint folder.")
-
-    @field_validator("launch")
-    @classmethod
-    def _one_node(cls, launch: LaunchConfig) -> LaunchConfig:
-        if launch.multinode:
-            raise ValueError(
-                f"finetune.launch.nnodes {launch.nnodes!r}: the fine-tune runs on one node (all "
-                "the GPUs of one worker); set nnodes to '1'. Training across nodes is "
-                "googlenet.launch's")
-        return launch
 
     @field_validator("arch")
     @classmethod
@@ -579,19 +582,10 @@ class StyleTrainConfig(_Config):
         "(where bf16 is slower).")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    launch: LaunchConfig = Field(
-        default_factory=LaunchConfig,
+    launch: OneNodeLaunchConfig = Field(
+        default_factory=lambda: OneNodeLaunchConfig(),
         description="Empty nproc_per_node: one process per visible GPU (one plain process on a "
-        "CPU-only host); two or more: torchrun starts the style worker, DDP as GoogLeNet's. "
-        "One node only.")
-
-    @field_validator("launch")
-    @classmethod
-    def _one_node(cls, launch: LaunchConfig) -> LaunchConfig:
-        if launch.multinode:
-            raise ValueError(f"train.launch.nnodes {launch.nnodes!r}: the style network trains "
-                             "on one node; set nnodes to '1'")
-        return launch
+        "CPU-only host); two or more: torchrun starts the style worker, DDP as GoogLeNet's.")
 
 
 class StyleRegistryConfig(_Config):
@@ -641,6 +635,7 @@ class StyleConfig(_Config):
     loss: StyleLossConfig = Field(default_factory=StyleLossConfig)
     train: StyleTrainConfig = Field(default_factory=StyleTrainConfig)
     registry: StyleRegistryConfig = Field(default_factory=StyleRegistryConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     @field_validator("style_sha256")
     @classmethod

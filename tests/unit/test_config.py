@@ -24,7 +24,7 @@ from visionpipe.config import FinetuneConfig, PipelineConfig, RegistryConfig, ml
     ({"weights": {"uri": "torchvision:resnet18.IMAGENET1K_V1"}}, "finetune.arch is 'resnet50'"),
     ({"googlenet": {"launch": {"nnodes": "0:2"}}}, "min:max"),
     ({"finetune": {"launch": {"nnodes": "2", "rdzv_endpoint": "10.0.0.5:29400"}}},
-     "the fine-tune runs on one node .* set nnodes to '1'"),
+     "finetune.launch\n.*this stage runs on one node .* set nnodes to '1'"),
     ({"data": {"sourc": "digits"}}, "Extra inputs are not permitted"),
     ({"registry": {"alias": "latest"}}, "'latest' alias name .* is reserved"),
     ({"registry": {"alias": "v2"}}, "Version alias name 'v2' is reserved"),

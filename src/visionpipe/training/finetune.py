@@ -86,10 +86,6 @@ class _FinetuneRun:
         count = self.data.count("train")
         return -(-count // self.ctx.world_size) if self.ctx.distributed else count
 
-    @property
-    def shard(self) -> Shard | None:
-        return Shard(self.ctx.rank, self.ctx.world_size, self.cfg.seed) if self.ctx.distributed else None
-
 
 def finetune(
     cfg: FinetuneConfig,
@@ -217,7 +213,7 @@ def _run_phase(run: _FinetuneRun, index: int, phase: Phase, resume: dict[str, An
         scheduler.load_state_dict(resume["scheduler"])
         first = resume["phase_epoch"] + 1
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    batches = _phase_batches(run)
+    batches = phase_batches(model, cfg, run.data, run.ctx)
     train_model = maybe_compile(_wrap(batches.train_model, run.ctx), run.fast_path,
                                 None if run.ctx.distributed else cfg.batch_size)
     for phase_epoch in range(first, phase.epochs + 1):
@@ -257,24 +253,25 @@ class _Batches:
     val: Batches
 
 
-def _phase_batches(run: _FinetuneRun) -> _Batches:
+def phase_batches(model: nn.Module, cfg: FinetuneConfig, data: TrainingData,
+                  ctx: DistContext) -> _Batches:
     """Image batches, or, for a head-only phase without augmentation, cached backbone features.
 
     A frozen backbone in eval mode is a fixed function: its features are computed once and the
     head trains on them, which gives the same head as forwarding the backbone every epoch.
     """
-    model, cfg, data, ctx = run.model, run.cfg, run.data, run.ctx
     recipe = data.dataset.recipe if data.dataset is not None else "small"
     deterministic = training_is_deterministic(recipe, cfg.augment)
     if backbone_frozen(model) and cfg.cache_frozen_features and deterministic:
-        return _feature_batches(run)
+        return _feature_batches(model, cfg, data, ctx)
+    shard = Shard(ctx.rank, ctx.world_size, cfg.seed) if ctx.distributed else None
 
     def train(epoch: int) -> Batches:
         return data.batches("train", cfg.batch_size, shuffle=True, augment=cfg.augment,
                             seed=cfg.seed + epoch + 1_000_003 * ctx.rank, epoch=epoch,
-                            shard=run.shard, drop_lone_last=True)
+                            shard=shard, drop_lone_last=True)
 
-    val = data.batches("val", cfg.batch_size, shuffle=False, augment=False, seed=0, shard=run.shard)
+    val = data.batches("val", cfg.batch_size, shuffle=False, augment=False, seed=0, shard=shard)
     return _Batches(model, model, train, val)
 
 
@@ -289,8 +286,9 @@ def _wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
-def _feature_batches(run: _FinetuneRun) -> _Batches:
-    model, cfg, data, ctx, device = run.model, run.cfg, run.data, run.ctx, run.device
+def _feature_batches(model: nn.Module, cfg: FinetuneConfig, data: TrainingData,
+                     ctx: DistContext) -> _Batches:
+    device = ctx.device
     (name,) = head_modules(model)  # the classifier Linear; its input is the feature vector
     head = model.get_submodule(name)
     model.set_submodule(name, nn.Identity())
