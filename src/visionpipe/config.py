@@ -7,9 +7,9 @@ at its edge, the DDP worker receives it as JSON and every checkpoint and MLflow 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 
 from visionpipe.models import HEAD, check_backbone
@@ -304,17 +304,17 @@ class LaunchConfig(_Config):
         return self
 
 
-class OneNodeLaunchConfig(LaunchConfig):
-    """The launch of a stage that trains on the GPUs of one worker (the fine-tune, the style
-    network): its ranks share that host's checkpoint folder."""
+def _one_node(launch: LaunchConfig) -> LaunchConfig:
+    if launch.multinode:
+        raise ValueError(
+            f"nnodes {launch.nnodes!r}: this stage runs on one node (all the GPUs of one "
+            "worker); set nnodes to '1'. Training across nodes is googlenet.launch's")
+    return launch
 
-    @model_validator(mode="after")
-    def _one_node(self) -> OneNodeLaunchConfig:
-        if self.multinode:
-            raise ValueError(
-                f"nnodes {self.nnodes!r}: this stage runs on one node (all the GPUs of one "
-                "worker); set nnodes to '1'. Training across nodes is googlenet.launch's")
-        return self
+
+# The launch of a stage that trains on the GPUs of one worker (the fine-tune, the style
+# network): its ranks share that host's checkpoint folder.
+OneNodeLaunch = Annotated[LaunchConfig, AfterValidator(_one_node)]
 
 
 class FinetuneConfig(_Config):
@@ -354,8 +354,8 @@ class FinetuneConfig(_Config):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fast: FastPathConfig = Field(default_factory=FastPathConfig)
-    launch: OneNodeLaunchConfig = Field(
-        default_factory=lambda: OneNodeLaunchConfig(),
+    launch: OneNodeLaunch = Field(
+        default_factory=LaunchConfig,
         description="How many processes fine-tune: empty nproc_per_node is one per visible GPU "
         "(on a CPU-only host, one plain process: no torchrun). Two or more start the fine-tune "
         "worker with torchrun, as GoogLeNet's; the gloo backend runs them on the CPU. One node "
@@ -582,8 +582,8 @@ class StyleTrainConfig(_Config):
         "(where bf16 is slower).")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    launch: OneNodeLaunchConfig = Field(
-        default_factory=lambda: OneNodeLaunchConfig(),
+    launch: OneNodeLaunch = Field(
+        default_factory=LaunchConfig,
         description="Empty nproc_per_node: one process per visible GPU (one plain process on a "
         "CPU-only host); two or more: torchrun starts the style worker, DDP as GoogLeNet's.")
 
