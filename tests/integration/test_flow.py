@@ -315,8 +315,10 @@ def test_a_photo_folder_trains_both_candidates_and_the_champion_serves_as_it_was
     assert dataset.recipe == "photo" and dataset.version == summary.dataset_version
     assert "croix-é" in dataset.class_names
     assert len(tracking.client().search_model_versions("name='photos-classifier'")) == 2
-    (finetuned,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                      filter_string="attributes.run_name = 'finetune-resnet18'")
+    (finetuned,) = mlflow.search_runs(  # this flow run's: the module's other runs are digits'
+        search_all_experiments=True, output_format="list",
+        filter_string=f"attributes.run_name = 'finetune-resnet18' and "
+                      f"tags.dataset_version = '{summary.dataset_version}'")
     assert finetuned.data.params["world_size"] == "2"  # rank 0 of two logged it
     model = mlflow.pyfunc.load_model("models:/photos-classifier@champion")
     images, labels = registry.test_split_images(dataset)
