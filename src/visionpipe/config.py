@@ -446,14 +446,25 @@ def mlflow_alias_problem(alias: str) -> str | None:
     return None
 
 
+def _mlflow_alias(alias: str) -> str:
+    # Checked in the form rather than when the gate sets it, after all the training.
+    problem = mlflow_alias_problem(alias)
+    if problem is not None:
+        raise ValueError(problem)
+    return alias
+
+
+MlflowAlias = Annotated[str, AfterValidator(_mlflow_alias)]
+
+
 class RegistryConfig(_Config):
     """Where candidates are registered and when the champion alias moves."""
 
     model_name: str | None = Field(None, description="Registered model; `<dataset>-classifier` if empty.")
     champion_metric: Literal["top1", "macro_f1"] = "top1"
-    alias: str = Field("champion", description="The alias the gate moves; letters, digits, _ and "
-                       "-, not `latest` or `v<number>` (MLflow reserves those).",
-                       json_schema_extra=ALIAS_SCHEMA)
+    alias: MlflowAlias = Field(
+        "champion", description="The alias the gate moves; letters, digits, _ and -, not "
+        "`latest` or `v<number>` (MLflow reserves those).", json_schema_extra=ALIAS_SCHEMA)
     min_score: float | None = Field(
         None, ge=0, le=1, description="Quality floor on today's test split: a candidate below "
         "it never becomes the champion, not even the first one. Empty: strictly above chance "
@@ -471,15 +482,6 @@ class RegistryConfig(_Config):
         "passes the floor), since the champion cannot predict today's classes; "
         "'shared-classes' compares both on the test images of the classes they share, "
         "with a warning.")
-
-    @field_validator("alias")
-    @classmethod
-    def _mlflow_alias(cls, alias: str) -> str:
-        # Checked in the form rather than when the gate sets it, after all the training.
-        problem = mlflow_alias_problem(alias)
-        if problem is not None:
-            raise ValueError(problem)
-        return alias
 
 
 class RetentionConfig(_Config):
@@ -592,19 +594,12 @@ class StyleRegistryConfig(_Config):
     """Where the stylisation network is registered, and when its alias moves."""
 
     model_name: str | None = Field(None, description="Registered model; `<style>-stylizer` if empty.")
-    alias: str = Field("champion", description="The alias the gate moves (one per style, since "
-                       "each style is its own registered model); letters, digits, _ and -, not "
-                       "`latest` or `v<number>`.", json_schema_extra=ALIAS_SCHEMA)
+    alias: MlflowAlias = Field(
+        "champion", description="The alias the gate moves (one per style, since each style is "
+        "its own registered model); letters, digits, _ and -, not `latest` or `v<number>`.",
+        json_schema_extra=ALIAS_SCHEMA)
     heldout_images: int = Field(
         64, ge=1, description="Test-split images the gate scores both candidate and champion on.")
-
-    @field_validator("alias")
-    @classmethod
-    def _mlflow_alias(cls, alias: str) -> str:
-        problem = mlflow_alias_problem(alias)
-        if problem is not None:
-            raise ValueError(problem)
-        return alias
 
 
 def _style_data() -> DataConfig:

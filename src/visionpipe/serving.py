@@ -34,6 +34,14 @@ def _as_bytes(value: Any) -> bytes:
     raise TypeError(f"column 'image' must hold encoded image bytes, got {type(value).__name__}")
 
 
+def image_column(model_input: Any) -> list[bytes]:
+    """The encoded images of a pyfunc's input: its DataFrame's ``image`` column, raw bytes or
+    base64 text (a REST request); an error that says what is expected for anything else."""
+    if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+        raise ValueError("input must be a DataFrame with a column 'image' of encoded image bytes")
+    return [_as_bytes(v) for v in model_input["image"]]
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     """Wraps a trained torchvision network and its preprocessing for ``mlflow.pyfunc``."""
 
@@ -49,13 +57,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
-            raise ValueError("input must be a DataFrame with a column 'image' of encoded image bytes")
+        images = image_column(model_input)
         batch_size = int((params or {}).get("batch_size", DEFAULT_BATCH_SIZE))
         if batch_size < 1:
             raise ValueError(f"params batch_size must be at least 1, got {batch_size}")
         frames = []
-        images = [_as_bytes(v) for v in model_input["image"]]
         for start in range(0, len(images), batch_size):
             frames.append(self._predict_batch(images[start:start + batch_size]))
         if not frames:

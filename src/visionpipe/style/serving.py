@@ -14,7 +14,7 @@ import mlflow.pyfunc
 import pandas as pd
 import torch
 
-from visionpipe.serving import _as_bytes
+from visionpipe.serving import image_column
 from visionpipe.style.images import load_image, png_bytes
 from visionpipe.style.network import StyleSpec, build_style_network
 
@@ -32,9 +32,7 @@ class Stylizer(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
 
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
-            raise ValueError("input must be a DataFrame with a column 'image' of encoded image bytes")
-        return pd.DataFrame({"image": [self.stylize(_as_bytes(v)) for v in model_input["image"]]})
+        return pd.DataFrame({"image": [self.stylize(data) for data in image_column(model_input)]})
 
     @torch.inference_mode()
     def stylize(self, data: bytes) -> bytes:
