@@ -71,7 +71,7 @@ def train_style_transfer(config: StyleConfig = StyleConfig()) -> StyleSummary:  
                          loss_weights_sha256=weights.sha256)
     candidate = train_style_network(config, inputs, weights.source, context)
     evaluation = evaluate_style_task(config, candidate, inputs, context)
-    decision = register_style_model(config, candidate, inputs, context)
+    decision = register_style_model(config, candidate, inputs, weights.random_init, context)
     apply_retention(config.retention, context)
     close_tracking_run(context)
     return StyleSummary(

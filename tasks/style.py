@@ -3,14 +3,12 @@ register it behind its gate; and Gatys' one-picture optimisation."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
 from tasks.common import per_flow_run, retry_transient, run_logger
@@ -23,7 +21,7 @@ from visionpipe.redaction import redact
 from visionpipe.registry import GateDecision
 from visionpipe.style.evaluate import StyleEvaluation, evaluate_style, heldout_images
 from visionpipe.style.gatys import stylize_by_optimisation
-from visionpipe.style.images import bundled_style_path, load_image, png_bytes
+from visionpipe.style.images import bundled_style_path, load_image, png_bytes, unit_range
 from visionpipe.style.registry import gate_style, log_style_model
 from visionpipe.style.train import (
     StyleInputs,
@@ -54,13 +52,10 @@ class StyleCandidate(BaseModel):
     lineage: dict[str, str]
 
 
-def _image_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    uri_digest = hashlib.sha256(parameters["uri"].encode()).hexdigest()  # no credentials in keys
-    return f"fetch-image-{uri_digest}-{parameters['sha256']}"
-
-
+# Cached per flow run only: a later run asks again (a file:// image is read anew, a download
+# comes from the library's verified cache), and never gets a path another host cached.
 @task(name="fetch-image", retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=retry_transient, cache_key_fn=_image_cache_key, persist_result=True)
+      retry_condition_fn=retry_transient, cache_key_fn=per_flow_run, persist_result=True)
 def fetch_image(uri: str, sha256: str | None = None) -> FetchedImage:
     """An image from ``file://``, ``https://``, ``s3://`` or ``bundled:waves``, verified by its
     sha256 and cached under it, as weights are."""
@@ -133,13 +128,13 @@ def evaluate_style_task(config: StyleConfig, candidate: StyleCandidate, inputs: 
 @task(name="register-model", retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=retry_transient)
 def register_style_model(config: StyleConfig, candidate: StyleCandidate, inputs: StyleInputs,
-                         context: TrackingContext) -> GateDecision:
+                         random_init: bool, context: TrackingContext) -> GateDecision:
     """A version for the candidate; the alias moves only for a lower held-out loss."""
     device = pick_device(config.train.device)
     images = heldout_images(inputs.dataset, config.registry.heldout_images)
     export_dir = settings.stage_dir(context.flow_run_id, "export") / candidate.name
     uri = log_style_model(candidate.run_id, Path(candidate.result.checkpoint), export_dir,
-                          [png_bytes(images[0].float() / 255.0)])
+                          [png_bytes(unit_range(images[0]))])
     tags = {**registry.version_tags(candidate.lineage, export_dir),
             "prefect_flow_run_id": context.flow_run_id, "git_commit": tracking.git_commit(),
             "candidate": candidate.name}
@@ -147,7 +142,8 @@ def register_style_model(config: StyleConfig, candidate: StyleCandidate, inputs:
                                              candidate.run_id, tags)
     criterion = perceptual_loss(config.loss, style_image_tensor(inputs, config.loss),
                                 Path(inputs.loss_weights_path), inputs.loss_weights_sha256, device)
-    decision = gate_style(registration, candidate.result.spec, images, criterion, config.registry.alias)
+    decision = gate_style(registration, candidate.result.spec, images, criterion,
+                          config.registry.alias, random_init, config.registry.promote_random_init)
     run_logger().info("style gate: %s", decision.reason)
     tracking.end_run(candidate.run_id)
     create_markdown_artifact(key="champion-decision", description=decision.reason,

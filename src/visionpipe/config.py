@@ -239,7 +239,8 @@ class LaunchConfig(_Config):
     """
 
     nproc_per_node: int | None = Field(
-        None, ge=1, description="Processes per node; the visible GPUs, or 2 on a CPU machine."
+        None, ge=1, description="Processes per node. Empty: the visible GPUs; without GPUs, 2 "
+        "for GoogLeNet, 1 (a plain process, no torchrun) for the fine-tune and the style network."
     )
     nnodes: str = Field("1", description="Node count or elastic range 'min:max'.")
     backend: Literal["auto", "nccl", "gloo"] = Field(
@@ -317,6 +318,11 @@ def _one_node(launch: LaunchConfig) -> LaunchConfig:
 OneNodeLaunch = Annotated[LaunchConfig, AfterValidator(_one_node)]
 
 
+def _long_launch() -> LaunchConfig:
+    # A whole fine-tune or style training runs in one launch: not GoogLeNet's 30 minutes.
+    return LaunchConfig(timeout_s=24 * 3600.0)
+
+
 class FinetuneConfig(_Config):
     """Transfer learning of a torchvision backbone with a new head."""
 
@@ -355,11 +361,12 @@ class FinetuneConfig(_Config):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fast: FastPathConfig = Field(default_factory=FastPathConfig)
     launch: OneNodeLaunch = Field(
-        default_factory=LaunchConfig,
+        default_factory=_long_launch,
         description="How many processes fine-tune: empty nproc_per_node is one per visible GPU "
         "(on a CPU-only host, one plain process: no torchrun). Two or more start the fine-tune "
         "worker with torchrun, as GoogLeNet's; the gloo backend runs them on the CPU. One node "
-        "only: its ranks share this host's checkpoint folder.")
+        "only: its ranks share this host's checkpoint folder. The global batch is batch_size x "
+        "processes and the phases' rates are used as given (not scaled with it).")
 
     @field_validator("arch")
     @classmethod
@@ -585,9 +592,10 @@ class StyleTrainConfig(_Config):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     launch: OneNodeLaunch = Field(
-        default_factory=LaunchConfig,
+        default_factory=_long_launch,
         description="Empty nproc_per_node: one process per visible GPU (one plain process on a "
-        "CPU-only host); two or more: torchrun starts the style worker, DDP as GoogLeNet's.")
+        "CPU-only host); two or more: torchrun starts the style worker, DDP as GoogLeNet's. The "
+        "global batch is batch_size x processes; lr is used as given.")
 
 
 class StyleRegistryConfig(_Config):
@@ -600,6 +608,9 @@ class StyleRegistryConfig(_Config):
         json_schema_extra=ALIAS_SCHEMA)
     heldout_images: int = Field(
         64, ge=1, description="Test-split images the gate scores both candidate and champion on.")
+    promote_random_init: bool = Field(
+        False, description="Let a network trained against a randomly initialised loss network "
+        "(weights.on_unavailable=random-init, the VGG weights unreachable) hold the alias.")
 
 
 def _style_data() -> DataConfig:

@@ -287,7 +287,7 @@ def gate_champion(best: Registration, dataset: PreparedDataset, cfg: RegistryCon
     metric, alias = cfg.champion_metric, cfg.alias
     current = read_champion(best.model_name, alias, "before comparing (nothing was tagged)")
     if current is not None and current == best.version:
-        return _decided_before(best, dataset, cfg, current)
+        return decided_before(best, current, cfg.champion_metric, cfg.alias)
     configure_tracking()
     candidate = mlflow.pyfunc.load_model(best.model_uri)
     score = score_loaded(candidate, dataset, metric)
@@ -358,17 +358,16 @@ def _against_champion(best: Registration, candidate: mlflow.pyfunc.PyFuncModel,
     return decide(promoted, rule, reason, champion_score=champion_score, candidate_score=score)
 
 
-def _decided_before(best: Registration, dataset: PreparedDataset, cfg: RegistryConfig,
-                    current: str) -> GateDecision:
+def decided_before(best: Registration, current: str, metric: str, alias: str) -> GateDecision:
     """A retry after this very promotion: the decision as it was made, from the version's tags."""
     tags = client().get_model_version(best.model_name, current).tags
     champion_score = float(tags["gate_champion_score"]) if tags.get("gate_champion_score") else None
     return GateDecision(
-        promoted=tags.get("gate_decision") == "promoted", metric=cfg.champion_metric,
+        promoted=tags.get("gate_decision") == "promoted", metric=metric,
         candidate=best.candidate, candidate_version=best.version,
         candidate_score=float(tags.get("gate_candidate_score") or "nan"),
         champion_version=tags.get("previous_champion") or None, champion_score=champion_score,
-        reason=tags.get("gate_reason", f"version {current} already is {cfg.alias}"),
+        reason=tags.get("gate_reason", f"version {current} already is {alias}"),
         rule=tags.get("gate_rule", ""))
 
 

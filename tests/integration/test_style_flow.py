@@ -23,7 +23,7 @@ from flows.train_style_transfer import StyleSummary, train_style_transfer
 from tests.integration.test_consumers import _wait_for
 from tests.servers import free_port
 from tests.style_fixtures import TINY_LOSS, TINY_TRAIN, vgg16_features
-from visionpipe import settings, tracking
+from visionpipe import registry, settings, tracking
 from visionpipe.config import GatysConfig, StyleConfig
 from visionpipe.digests import file_sha256
 
@@ -123,3 +123,50 @@ def test_stylize_image_optimises_one_picture_and_writes_its_png(
     written = stylize_image(content.as_uri(), "bundled:waves", str(tmp_path / "out.png"), cfg)
     with Image.open(written) as image:
         assert image.format == "PNG" and image.size == (32, 24)  # short side 24, aspect kept
+
+
+def test_the_gate_refuses_a_random_loss_network_and_a_retry_returns_the_decision_made(
+        trained: StyleSummary, vgg_uri: dict[str, Any]) -> None:
+    import torch
+
+    from visionpipe.data import load_split, prepare_dataset
+    from visionpipe.registry import Registration
+    from visionpipe.style.images import bundled_style_path
+    from visionpipe.style.network import StyleSpec
+    from visionpipe.style.registry import gate_style
+    from visionpipe.style.train import StyleInputs, perceptual_loss, style_image_tensor
+
+    config = _config(vgg_uri)
+    inputs = StyleInputs(dataset=prepare_dataset(config.data), style="waves",
+                         style_path=str(bundled_style_path()),
+                         style_sha256=file_sha256(bundled_style_path()),
+                         loss_weights_path=vgg_uri["uri"].removeprefix("file://"),
+                         loss_weights_sha256=vgg_uri["sha256"])
+    criterion = perceptual_loss(config.loss, style_image_tensor(inputs, config.loss),
+                                Path(inputs.loss_weights_path), inputs.loss_weights_sha256,
+                                torch.device("cpu"))
+    images = load_split(inputs.dataset, "test")[0][:4]
+    spec = StyleSpec(style="waves", style_sha256=inputs.style_sha256, channels=4,
+                     residual_blocks=1, image_size=32)
+
+    def registration(version: str) -> Registration:
+        run_id = tracking.client().get_model_version("waves-stylizer", version).run_id
+        return Registration(candidate="style-waves", model_name="waves-stylizer", version=version,
+                            model_uri=f"models:/waves-stylizer/{version}", run_id=run_id)
+
+    def champion() -> str:
+        return str(tracking.client().get_model_version_by_alias("waves-stylizer", "champion").version)
+
+    holder = champion()
+    # The same network registered as another style's first version, trained (say) against a
+    # random VGG: no champion yet, and still refused.
+    first = registry.register_version("style-waves", "waves-random-stylizer",
+                                      f"models:/waves-stylizer/{holder}",
+                                      registration(holder).run_id, {})
+    refused = gate_style(first, spec, images, criterion, "champion", random_init=True)
+    assert not refused.promoted and refused.rule == "random_init", refused
+    assert registry.champion_version("waves-random-stylizer", "champion") is None
+    # register-model retried after its promotion: the decision as it was made, from the tags.
+    again = gate_style(registration(holder), spec, images, criterion, "champion")
+    assert again.promoted and again.rule == "first" and again.candidate_version == holder
+    assert champion() == holder

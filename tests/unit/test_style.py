@@ -16,8 +16,19 @@ from visionpipe.style.gatys import stylize_by_optimisation
 from visionpipe.style.images import bundled_style_path, load_image
 from visionpipe.style.loss import LossNetwork, PerceptualLoss, gram, load_loss_network, total_variation
 from visionpipe.style.network import TransformerNet
-from visionpipe.style.train import load_style_network, train_style
+from visionpipe.data import load_split
+from visionpipe.style.evaluate import heldout_losses
+from visionpipe.style.train import load_style_network, perceptual_loss, style_image_tensor, train_style
 from visionpipe.training.checkpoint import load_checkpoint
+
+
+def test_training_batches_go_back_to_the_pixels_they_were_normalised_from() -> None:
+    from visionpipe.data.images import normalize
+    from visionpipe.style.images import unit_range
+
+    pixels = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    torch.testing.assert_close(unit_range(normalize(pixels)), pixels.float() / 255, atol=1e-6, rtol=0)
+    torch.testing.assert_close(unit_range(pixels), pixels.float() / 255)
 
 
 def test_the_gram_matrix_is_the_normalised_inner_product_of_each_pair_of_channels() -> None:
@@ -65,6 +76,12 @@ def test_the_loss_network_is_frozen_cut_after_the_deepest_layer_and_refuses_unkn
     assert len(network.features) == 9  # conv1_1 ... relu2_2: nothing past the loss is computed
     assert not any(p.requires_grad for p in network.parameters())
     assert not network.train().training
+    # A conv layer's features are its own, not the ReLU's that follows it (in place in torchvision).
+    images = torch.rand(1, 3, 16, 16)
+    conv = LossNetwork("vgg16", ["conv1_1", "relu1_2"])(images)["conv1_1"]
+    assert float(conv.min()) < 0
+    with pytest.raises(ValueError, match="have no features.0.weight, features.0.bias"):
+        LossNetwork("vgg16", ["relu1_1"], {"0.weight": torch.zeros(64, 3, 3, 3)})
     with pytest.raises(ValueError, match="vgg16 has no layer 'relu5_4'; its ReLU layers are relu1_1"):
         StyleLossConfig(style_layers=["relu5_4"])
     assert StyleLossConfig(network="vgg19", style_layers=["relu5_4"]).style_layers == ["relu5_4"]
@@ -86,6 +103,15 @@ def test_training_lowers_the_loss_and_a_resumed_run_ends_with_the_same_weights(
                            tmp_path / "straight", seen.append)
     losses = [r["total_loss"] for r in straight.history]
     assert losses[-1] < 0.8 * losses[0], losses
+    # Training saw the images as evaluation and serving do (RGB in [0, 1] from the uint8
+    # pixels): its last validation loss is the saved network's loss on the val split's pixels.
+    criterion = perceptual_loss(TINY_LOSS, style_image_tensor(inputs, TINY_LOSS),
+                                Path(inputs.loss_weights_path), inputs.loss_weights_sha256,
+                                torch.device("cpu"))
+    val_pixels, _ = load_split(inputs.dataset, "val")
+    saved, _ = load_style_network(Path(straight.checkpoint))
+    assert heldout_losses(saved, criterion, val_pixels)["heldout_total_loss"] == pytest.approx(
+        straight.history[-1]["val_loss"], rel=1e-3)
     assert [r["epoch"] for r in seen] == [1, 2, 3] and all("val_loss" in r for r in seen)
     # Two epochs, then a new attempt asked for three: it resumes after the second.
     train_style(TINY_TRAIN, TINY_LOSS, inputs, tmp_path / "retried")
@@ -159,3 +185,15 @@ def test_the_style_image_is_fetched_verified_and_cached_like_weights(
     with pytest.raises(WeightsError, match="sha256 mismatch"):
         fetch_file(http_server.serve("/styles/other.png", data[:-1]), "0" * 64, "images")
     assert not list(path.parent.glob(".partial-*")), "a refused download leaves nothing behind"
+
+
+def test_a_local_image_edited_in_place_is_read_again(vp_home: Path, tmp_path: Path) -> None:
+    from visionpipe.digests import file_sha256
+    from visionpipe.weights import fetch_file
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(bundled_style_path().read_bytes())
+    first, digest = fetch_file(photo.as_uri(), None, "images")
+    photo.write_bytes(bundled_style_path().read_bytes()[:-3] + b"new")
+    second, again = fetch_file(photo.as_uri(), None, "images")
+    assert again == file_sha256(photo) != digest and second.read_bytes() == photo.read_bytes()

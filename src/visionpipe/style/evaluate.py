@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel
 
 from visionpipe.data import PreparedDataset, load_split
-from visionpipe.style.images import grid_png
+from visionpipe.style.images import grid_png, unit_range
 from visionpipe.style.loss import PerceptualLoss
 from visionpipe.style.network import TransformerNet
 
@@ -34,7 +34,7 @@ def heldout_losses(stylize: torch.nn.Module, criterion: PerceptualLoss, images: 
     device = next(criterion.network.parameters()).device
     sums: dict[str, float] = {}
     for start in range(0, len(images), batch_size):
-        content = images[start:start + batch_size].to(device).float() / 255.0
+        content = unit_range(images[start:start + batch_size].to(device))
         for key, value in criterion(stylize(content), content).as_floats().items():
             sums[key] = sums.get(key, 0.0) + value * len(content)
     return {f"heldout_{k}": v / max(len(images), 1) for k, v in sums.items()}
@@ -49,7 +49,7 @@ def images_per_second(net: TransformerNet, images: torch.Tensor, device: torch.d
     for _ in range(rounds):
         start = time.perf_counter()
         for i in range(0, len(images), batch_size):
-            net(images[i:i + batch_size].to(device).float() / 255.0).clamp(0, 1).cpu()
+            net(unit_range(images[i:i + batch_size].to(device))).clamp(0, 1).cpu()
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = max(best, len(images) / (time.perf_counter() - start))
@@ -65,7 +65,7 @@ def evaluate_style(net: TransformerNet, criterion: PerceptualLoss, dataset: Prep
     metrics = heldout_losses(net, criterion, images)
     metrics["stylize_images_per_s"] = images_per_second(net, images, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shown = images[:grid].to(device).float() / 255.0
+    shown = unit_range(images[:grid].to(device))
     with torch.no_grad():
         path = grid_png([shown, net(shown)], out_dir / "style-grid.png")
     return StyleEvaluation(metrics=metrics, grid_png=str(path), heldout_images=len(images))

@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms.v2.functional as tvf
 from PIL import Image
 
-from visionpipe.data.images import open_image
+from visionpipe.data.images import MEAN, STD, open_image
 
 
 def bundled_style_path() -> Path:
@@ -38,6 +38,16 @@ def load_image(source: bytes | Path, short_side: int | None = None) -> torch.Ten
     if short_side is not None:
         tensor = tvf.resize(tensor, [short_side], antialias=True)
     return (tensor.float() / 255.0).unsqueeze(0).contiguous()
+
+
+def unit_range(batch: torch.Tensor) -> torch.Tensor:
+    """A batch as the training loaders deliver it (float, normalised with ImageNet's MEAN and
+    STD) or as uint8, back to RGB in [0, 1]: what the stylisation network takes."""
+    if batch.dtype == torch.uint8:
+        return batch.float() / 255.0
+    mean = torch.tensor(MEAN, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=batch.device).view(1, 3, 1, 1)
+    return (batch.float() * std + mean).clamp(0, 1)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -82,14 +82,17 @@ class LossNetwork(nn.Module):
         names = layer_names(network)
         last = max(names.index(name) for name in layers)
         self.features = vgg_features(network)[: last + 1]
+        for module in self.features:  # an in-place ReLU would overwrite a conv layer's output
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
         if state is not None:
             wanted = self.features.state_dict()
             features = {k.removeprefix("features."): v for k, v in state.items()
-                        if k.removeprefix("features.") in wanted}
-            missing = [k for k in wanted if k not in features]
-            if missing or not all(k.startswith("features.") for k in state if k.removeprefix("features.") in wanted):
-                raise ValueError(f"the {network} weights have no features.{missing[:3]}: not a "
-                                 f"torchvision {network} state dict")
+                        if k.startswith("features.") and k.removeprefix("features.") in wanted}
+            missing = [f"features.{k}" for k in wanted if k not in features]
+            if missing:
+                raise ValueError(f"the {network} weights have no {', '.join(missing[:3])}: not "
+                                 f"a torchvision {network} state dict (features.N.weight, ...)")
             self.features.load_state_dict(features)
         self.wanted = {names.index(name): name for name in layers}
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)

@@ -18,10 +18,11 @@ from visionpipe.registry import (
     GateDecision,
     Registration,
     apply_decision,
-    read_champion,
+    decided_before,
     pip_requirements,
+    read_champion,
 )
-from visionpipe.style.images import load_image, png_bytes
+from visionpipe.style.images import load_image, png_bytes, unit_range
 from visionpipe.style.loss import PerceptualLoss
 from visionpipe.style.network import StyleSpec
 from visionpipe.style.serving import Stylizer
@@ -56,19 +57,26 @@ def served_loss(model_uri: str, images: torch.Tensor, criterion: PerceptualLoss)
     configure_tracking()
     model = mlflow.pyfunc.load_model(model_uri)
     device = next(criterion.network.parameters()).device
-    frames = model.predict(pd.DataFrame({"image": [png_bytes(i.float() / 255.0) for i in images]}))
+    frames = model.predict(pd.DataFrame({"image": [png_bytes(unit_range(i)) for i in images]}))
     served = torch.cat([load_image(bytes(b)) for b in frames["image"]]).to(device)
     with torch.no_grad():
-        total = float(criterion(served, images.to(device).float() / 255.0).total)
+        total = float(criterion(served, unit_range(images.to(device))).total)
     python_model = model.unwrap_python_model()
     return total, getattr(python_model, "spec", None)
 
 
 def gate_style(best: Registration, spec: StyleSpec, images: torch.Tensor, criterion: PerceptualLoss,
-               alias: str) -> GateDecision:
+               alias: str, random_init: bool = False, promote_random_init: bool = False) -> GateDecision:
     """Move ``alias`` to ``best`` when no version holds it, when the holder learned another
-    style image, or when ``best``'s held-out total loss is lower than the holder's."""
+    style image, or when ``best``'s held-out total loss is lower than the holder's.
+
+    A network trained against a randomly initialised loss network (its VGG weights were
+    unreachable) is refused unless ``promote_random_init``: the loss it is scored with means
+    little. A retry after this very promotion returns the decision as it was made.
+    """
     current = read_champion(best.model_name, alias, "before comparing (nothing was tagged)")
+    if current is not None and current == best.version:
+        return decided_before(best, current, METRIC, alias)
     score, _ = served_loss(best.model_uri, images, criterion)
 
     def decide(promoted: bool, rule: str, reason: str, champion: float | None = None) -> GateDecision:
@@ -77,10 +85,12 @@ def gate_style(best: Registration, spec: StyleSpec, images: torch.Tensor, criter
                             champion_version=current, champion_score=champion, reason=reason,
                             rule=rule)
 
-    if current is None:
+    if random_init and not promote_random_init:
+        decision = decide(False, "random_init", "the loss network was a random initialisation "
+                          "(its pretrained weights were unreachable); "
+                          f"registry.promote_random_init is false, so {alias} stays where it is")
+    elif current is None:
         decision = decide(True, "first", f"no {alias} yet; candidate {METRIC} {score:.6g}")
-    elif current == best.version:
-        decision = decide(False, "same_version", f"version {current} already holds {alias}")
     else:
         held, held_spec = served_loss(f"models:/{best.model_name}/{current}", images, criterion)
         if held_spec is None or held_spec.style_sha256 != spec.style_sha256:
@@ -92,6 +102,5 @@ def gate_style(best: Registration, spec: StyleSpec, images: torch.Tensor, criter
         else:
             decision = decide(False, "kept", f"candidate {METRIC} {score:.6g} is not lower than "
                               f"{alias}'s {held:.6g}; {alias} stays on version {current}", held)
-    if decision.rule != "same_version":
-        apply_decision(decision, best.model_name, alias)
+    apply_decision(decision, best.model_name, alias)
     return decision

@@ -23,7 +23,7 @@ from visionpipe import faults
 from visionpipe.config import FastPathConfig, StyleLossConfig, StyleTrainConfig
 from visionpipe.data import PreparedDataset
 from visionpipe.errors import CheckpointError
-from visionpipe.style.images import load_image
+from visionpipe.style.images import load_image, unit_range
 from visionpipe.style.loss import LossNetwork, PerceptualLoss, load_loss_network
 from visionpipe.style.network import StyleSpec, TransformerNet, build_style_network
 from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
@@ -148,7 +148,7 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, crite
                            seed=train.seed + epoch + 1_000_003 * ctx.rank, epoch=epoch,
                            shard=shard, drop_lone_last=True)
     for images, _ in batches:
-        content = images.to(ctx.device, non_blocking=True).float() / 255.0
+        content = unit_range(images.to(ctx.device, non_blocking=True))
         if fast:  # bf16 autocast and NHWC on the GPU; the Gram matrices stay float32
             content = content.contiguous(memory_format=torch.channels_last)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=fast):
@@ -177,7 +177,7 @@ def _validate(net: TransformerNet, criterion: PerceptualLoss, data: TrainingData
     sums = torch.zeros(2, dtype=torch.float64)
     strided = Shard(ctx.rank, ctx.world_size) if shard is not None else None
     for images, _ in data.batches("val", batch_size, shuffle=False, augment=False, seed=0, shard=strided):
-        content = images.to(ctx.device).float() / 255.0
+        content = unit_range(images.to(ctx.device))
         total = criterion(net(content), content).total
         sums += torch.tensor([float(total) * len(content), len(content)], dtype=torch.float64)
     sums = all_reduce_sum(sums, ctx)

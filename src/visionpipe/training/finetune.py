@@ -53,6 +53,7 @@ from visionpipe.training.loop import (
     EpochStats,
     maybe_compile,
     pick_device,
+    place_schedule,
     scratch_epochs,
     train_one_epoch,
     validate,
@@ -145,7 +146,8 @@ def finetune(
                         phase.name, phase.backbone_lr_fraction)
             phase = phase.model_copy(update={"backbone_lr_fraction": 1.0})
         if random_init:
-            phase = _scratch_length(phase, cfg, run.train_per_rank)
+            # Counted as one process would: the phase's epochs must not depend on the world.
+            phase = _scratch_length(phase, cfg, data.count("train"))
         same_phase = resume is not None and index == resume["phase_index"]
         _run_phase(run, index, phase, resume if same_phase else None)
     return _result(run)
@@ -211,6 +213,8 @@ def _run_phase(run: _FinetuneRun, index: int, phase: Phase, resume: dict[str, An
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        # Counted in this world's steps: another number of ranks has other steps per epoch.
+        place_schedule(scheduler, resume["phase_epoch"] * steps)
         first = resume["phase_epoch"] + 1
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     batches = phase_batches(model, cfg, run.data, run.ctx)

@@ -43,10 +43,11 @@ def fetch_weights(cfg: WeightsConfig, arch: str, *, backoff_s: float = 0.5) -> F
                           arch=arch)
 
 
-def _fetch_once(cfg: WeightsConfig, cache: Path) -> tuple[Path, str]:
-    """One attempt: resolve the URI, reuse the cache if it can, else download and verify."""
+def _fetch_once(cfg: WeightsConfig, cache: Path, reuse: bool = True) -> tuple[Path, str]:
+    """One attempt: resolve the URI, reuse the cache if it can (and may), else download and
+    verify."""
     source = resolve_source(cfg)
-    hit = cache_lookup(cache, source)
+    hit = cache_lookup(cache, source) if reuse else None
     if hit is not None:
         return hit
     log.info("downloading weights from %s", redact(cfg.uri))
@@ -59,8 +60,11 @@ def fetch_file(uri: str, sha256: str | None, kind: str, *, attempts: int = 4,
                timeout_s: float = 30.0, backoff_s: float = 0.5) -> tuple[Path, str]:
     """Any file (a style image, say) fetched like weights: ``file://``, ``https://``, ``s3://``,
     retried on network errors, hashed while it is written, checked against ``sha256`` when
-    given, and cached under ``cache_dir(kind)`` by its digest. No random-init fallback: a file
-    that cannot be fetched raises ``WeightsUnavailable`` (or ``WeightsError``) naming the fix."""
+    given, and cached under ``cache_dir(kind)`` by its digest. A ``file://`` URI is read every
+    time (a photo may be edited in place; reading it is cheap), never taken from the cache's
+    index. No random-init fallback: a file that cannot be fetched raises
+    ``WeightsUnavailable`` (or ``WeightsError``) naming the fix."""
     cfg = WeightsConfig(uri=uri, sha256=sha256, attempts=attempts, timeout_s=timeout_s)
     cache = cache_dir(kind)
-    return with_retries(lambda: _fetch_once(cfg, cache), uri, attempts, backoff_s)
+    reuse = not uri.lower().startswith("file:")
+    return with_retries(lambda: _fetch_once(cfg, cache, reuse), uri, attempts, backoff_s)
