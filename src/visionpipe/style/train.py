@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from torch.nn.parallel import DistributedDataParallel
 
 from visionpipe import faults
 from visionpipe.config import FastPathConfig, StyleLossConfig, StyleTrainConfig
@@ -28,7 +27,13 @@ from visionpipe.style.loss import LossNetwork, PerceptualLoss, load_loss_network
 from visionpipe.style.network import StyleSpec, TransformerNet, build_style_network
 from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
 from visionpipe.training.core import Shard, TrainingData, check_batch_size, epoch_callbacks, load_training_data
-from visionpipe.training.distributed import DistContext, all_reduce_sum, gather_strings, weights_digest
+from visionpipe.training.distributed import (
+    DistContext,
+    all_reduce_sum,
+    gather_strings,
+    weights_digest,
+    wrap_ddp,
+)
 from visionpipe.training.fastpath import resolve_fast_path
 from visionpipe.training.loop import pick_device
 
@@ -115,8 +120,7 @@ def train_style(train: StyleTrainConfig, loss: StyleLossConfig, inputs: StyleInp
         history, first = list(saved["history"]), saved["epoch"] + 1
         resumed = saved["epoch"]
         log.info("resuming from %s: epoch %d done", saved["path"], saved["epoch"])
-    model = DistributedDataParallel(net, device_ids=[ctx.local_rank] if ctx.device.type == "cuda"
-                                    else None) if ctx.distributed else net
+    model = wrap_ddp(net, ctx)
     callbacks = epoch_callbacks(mlflow_run_id, on_epoch, is_main=ctx.is_main)
     shard = Shard(ctx.rank, ctx.world_size, train.seed) if ctx.distributed else None
     for epoch in range(first, train.epochs + 1):

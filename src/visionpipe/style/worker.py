@@ -20,10 +20,11 @@ from pydantic import BaseModel
 
 from visionpipe.config import StyleLossConfig, StyleTrainConfig
 from visionpipe.style.train import StyleInputs, StyleResult, train_style
-from visionpipe.training.core import epoch_line, log_world
+from visionpipe.training.core import log_world, print_epoch
 from visionpipe.training.distributed import distributed
-from visionpipe.training.jobs import Logger, launch_job, processes_per_gpu
+from visionpipe.training.jobs import Logger, processes_per_gpu, run_job
 from visionpipe.training.launch import record_failures
+from visionpipe.training.result import write_result
 
 log = logging.getLogger(__name__)
 MODULE = "visionpipe.style.worker"
@@ -49,18 +50,11 @@ def launch_style(train: StyleTrainConfig, loss: StyleLossConfig, inputs: StyleIn
                  hold_compute: Callable[[int], AbstractContextManager[Any]] = lambda n: nullcontext(),
                  stop: threading.Event | None = None, logger: Logger = log) -> StyleResult:
     """Train with torchrun on ``style_processes(train)`` ranks; return rank 0's result."""
-    job_path = out_dir / "job.json"
     job = StyleJob(train=train, loss=loss, inputs=inputs, out_dir=str(out_dir),
                    result_path=str(out_dir / "result.json"), mlflow_run_id=mlflow_run_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    job_path.write_text(job.model_dump_json(indent=2))
-    launch_job("train-style-network", train.launch, style_processes(train), job_path, MODULE,
-               rdzv_id, on_line, hold_compute, stop, logger)
-    return StyleResult.model_validate_json((out_dir / "result.json").read_text())
-
-
-def _print_epoch(record: dict[str, Any]) -> None:
-    print(epoch_line(record), flush=True)
+    return StyleResult.model_validate_json(run_job(
+        "train-style-network", job, train.launch, style_processes(train), out_dir, MODULE,
+        rdzv_id, on_line, hold_compute, stop, logger))
 
 
 @record_failures  # each rank's error file: what it raised, and whether a retry can help
@@ -75,12 +69,10 @@ def main(argv: list[str]) -> int:
         log.info("rank %d of %d on %s", ctx.rank, ctx.world_size, ctx.device)
         if ctx.is_main and job.mlflow_run_id:
             log_world(job.mlflow_run_id, ctx)
-        result = train_style(job.train, job.loss, job.inputs, Path(job.out_dir), _print_epoch,
+        result = train_style(job.train, job.loss, job.inputs, Path(job.out_dir), print_epoch,
                              job.mlflow_run_id, ctx)
         if ctx.is_main:
-            tmp = Path(job.result_path).with_suffix(".tmp")
-            tmp.write_text(result.model_dump_json(indent=2))
-            tmp.replace(job.result_path)
+            write_result(result, Path(job.result_path))
     return 0
 
 

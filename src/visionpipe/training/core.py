@@ -101,6 +101,11 @@ def epoch_line(record: EpochRecord) -> str:
     return EPOCH_LINE_MARKER + json.dumps(record)
 
 
+def print_epoch(record: EpochRecord) -> None:
+    """Rank 0's epoch callback under torchrun: the line the launching task reads."""
+    print(epoch_line(record), flush=True)
+
+
 def parse_epoch_line(line: str) -> EpochRecord | None:
     """The epoch record a worker's line carries, or None for any other line."""
     if not line.startswith(EPOCH_LINE_MARKER):

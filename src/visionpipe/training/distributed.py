@@ -110,3 +110,13 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """``model`` under DistributedDataParallel in a process group (alone: as it is)."""
+    if not ctx.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from visionpipe.config import FinetuneConfig, Phase
@@ -30,7 +29,13 @@ from visionpipe.models import (
     train_mode,
 )
 from visionpipe.training.checkpoint import latest_checkpoint
-from visionpipe.training.distributed import DistContext, all_reduce_sum, gather_strings, weights_digest
+from visionpipe.training.distributed import (
+    DistContext,
+    all_reduce_sum,
+    gather_strings,
+    weights_digest,
+    wrap_ddp,
+)
 from visionpipe.training.fastpath import FastPath, resolve_fast_path
 from visionpipe.training.core import (
     Batches,
@@ -218,7 +223,8 @@ def _run_phase(run: _FinetuneRun, index: int, phase: Phase, resume: dict[str, An
         first = resume["phase_epoch"] + 1
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     batches = phase_batches(model, cfg, run.data, run.ctx)
-    train_model = maybe_compile(_wrap(batches.train_model, run.ctx), run.fast_path,
+    # A fresh DDP wrapper per phase: DDP registers the parameters that need a gradient.
+    train_model = maybe_compile(wrap_ddp(batches.train_model, run.ctx), run.fast_path,
                                 None if run.ctx.distributed else cfg.batch_size)
     for phase_epoch in range(first, phase.epochs + 1):
         # Seeded per epoch (and rank), so a resumed run draws what an uninterrupted one would.
@@ -277,17 +283,6 @@ def phase_batches(model: nn.Module, cfg: FinetuneConfig, data: TrainingData,
 
     val = data.batches("val", cfg.batch_size, shuffle=False, augment=False, seed=0, shard=shard)
     return _Batches(model, model, train, val)
-
-
-def _wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """``model`` under DistributedDataParallel in a process group (alone: as it is).
-
-    Made per phase: DDP registers the parameters that require a gradient when it is built.
-    """
-    if not ctx.distributed:
-        return model
-    ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def _feature_batches(model: nn.Module, cfg: FinetuneConfig, data: TrainingData,

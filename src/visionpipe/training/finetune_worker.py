@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from visionpipe.training.core import EpochRecord, epoch_line, log_world
+from visionpipe.training.core import log_world, print_epoch
 from visionpipe.training.distributed import distributed
 from visionpipe.training.finetune import finetune
 from visionpipe.training.jobs import FinetuneJob
@@ -22,11 +22,6 @@ from visionpipe.training.launch import record_failures
 from visionpipe.training.result import write_result
 
 log = logging.getLogger(__name__)
-
-
-def print_epoch(record: EpochRecord) -> None:
-    """The line the launching task turns into its log line and progress artifact."""
-    print(epoch_line(record), flush=True)
 
 
 @record_failures  # each rank's error file: what it raised, and whether a retry can help

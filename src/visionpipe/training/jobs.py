@@ -116,16 +116,27 @@ def launch_finetune(cfg: FinetuneConfig, dataset: PreparedDataset, weights_path:
                     logger: Logger = log) -> TrainResult:
     """Fine-tune on ``finetune_processes(cfg)`` ranks of this host with torchrun; return rank
     0's result (the arguments are ``finetune``'s, and ``launch_on_this_node``'s)."""
-    job_path, result_path = out_dir / "job.json", out_dir / "result.json"
     job = FinetuneJob(config=cfg, dataset=dataset, weights_path=str(weights_path),
                       weights_sha256=weights_sha256, random_init=random_init,
-                      out_dir=str(out_dir), result_path=str(result_path),
+                      out_dir=str(out_dir), result_path=str(out_dir / "result.json"),
                       mlflow_run_id=mlflow_run_id)
-    job_path.parent.mkdir(parents=True, exist_ok=True)
+    result = run_job("finetune-backbone", job, cfg.launch, finetune_processes(cfg), out_dir,
+                     launch.FINETUNE_WORKER_MODULE, rdzv_id, on_line, hold_compute, stop, logger)
+    return TrainResult.model_validate_json(result)
+
+
+def run_job(stage: str, job: BaseModel, launch_cfg: LaunchConfig, nproc: int, out_dir: Path,
+            module: str, rdzv_id: str, on_line: Callable[[int | None, str], None],
+            hold_compute: Callable[[int], AbstractContextManager[Any]],
+            stop: threading.Event | None, logger: Logger) -> str:
+    """Write ``job`` to ``out_dir/job.json``, run ``module`` on it with torchrun
+    (``launch_job``), and return the text of the ``result.json`` rank 0 wrote beside it."""
+    job_path = out_dir / "job.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
     job_path.write_text(job.model_dump_json(indent=2))
-    launch_job("finetune-backbone", cfg.launch, finetune_processes(cfg), job_path,
-               launch.FINETUNE_WORKER_MODULE, rdzv_id, on_line, hold_compute, stop, logger)
-    return TrainResult.model_validate_json(result_path.read_text())
+    launch_job(stage, launch_cfg, nproc, job_path, module, rdzv_id, on_line, hold_compute, stop,
+               logger)
+    return (out_dir / "result.json").read_text()
 
 
 def launch_job(stage: str, launch_cfg: LaunchConfig, nproc: int, job_path: Path, module: str,

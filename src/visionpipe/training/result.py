@@ -40,7 +40,8 @@ class TrainResult(BaseModel):
         return sum(r.get("train_seconds", 0.0) + r.get("val_seconds", 0.0) for r in self.history)
 
 
-def write_result(result: TrainResult, path: Path) -> None:
+def write_result(result: BaseModel, path: Path) -> None:
+    """Rank 0's result file, written whole (a temporary name, then renamed)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(result.model_dump_json(indent=2))
     os.replace(tmp, path)
