@@ -22,9 +22,10 @@ class StyleEvaluation(BaseModel):
 
 
 def heldout_images(dataset: PreparedDataset, limit: int) -> torch.Tensor:
-    """The first ``limit`` test-split images as the dataset serves them (``N x 3 x S x S``, uint8)."""
+    """``limit`` test-split images as the dataset serves them (``N x 3 x S x S``, uint8),
+    evenly spread over the split (sorted by path, so by class): always the same ones."""
     images, _ = load_split(dataset, "test")
-    return images[:limit]
+    return images[torch.linspace(0, len(images) - 1, min(limit, len(images))).round().long()]
 
 
 @torch.no_grad()
@@ -58,14 +59,17 @@ def images_per_second(net: TransformerNet, images: torch.Tensor, device: torch.d
 
 def evaluate_style(net: TransformerNet, criterion: PerceptualLoss, dataset: PreparedDataset,
                    limit: int, out_dir: Path, grid: int = 8) -> StyleEvaluation:
-    """Held-out losses, images/s, and ``grid`` held-out images above their stylised versions."""
+    """Held-out losses, images/s, and ``grid`` held-out images (spread over the split) above
+    their stylised versions."""
     device = next(criterion.network.parameters()).device
     net = net.to(device).eval()
     images = heldout_images(dataset, limit)
     metrics = heldout_losses(net, criterion, images)
     metrics["stylize_images_per_s"] = images_per_second(net, images, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shown = unit_range(images[:grid].to(device))
+    # Spread over the split (sorted by path, so by class), not its first few images.
+    picked = torch.linspace(0, len(images) - 1, min(grid, len(images))).round().long()
+    shown = unit_range(images[picked].to(device))
     with torch.no_grad():
         path = grid_png([shown, net(shown)], out_dir / "style-grid.png")
     return StyleEvaluation(metrics=metrics, grid_png=str(path), heldout_images=len(images))
