@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
@@ -20,8 +19,9 @@ from visionpipe.config import BUNDLED_STYLE, GatysConfig, StyleConfig
 from visionpipe.redaction import redact
 from visionpipe.registry import GateDecision
 from visionpipe.style.evaluate import StyleEvaluation, evaluate_style, heldout_images
-from visionpipe.style.gatys import stylize_by_optimisation
-from visionpipe.style.images import bundled_style_path, load_image, png_bytes, unit_range
+from visionpipe.style.gatys import stylize_file
+from visionpipe.style.images import bundled_style_path, png_bytes, unit_range
+from visionpipe.style.loss import LossTerms
 from visionpipe.style.registry import gate_style, log_style_model
 from visionpipe.style.train import (
     StyleInputs,
@@ -155,27 +155,19 @@ def register_style_model(config: StyleConfig, candidate: StyleCandidate, inputs:
 def optimise_image(content: FetchedImage, style: FetchedImage, weights_path: str,
                    weights_sha256: str | None, cfg: GatysConfig, output: str) -> str:
     """Gatys et al.: the content image's pixels optimised against the style; writes a PNG."""
-    device = pick_device(cfg.device)
-    content_image = load_image(Path(content.path), cfg.image_size).to(device)
-    style_image = load_image(Path(style.path), cfg.loss.style_size or cfg.image_size)
-    criterion = perceptual_loss(cfg.loss, style_image, Path(weights_path), weights_sha256, device)
     logger = run_logger()
     every = max(1, cfg.steps // 10)
 
-    def on_step(step: int, terms: Any) -> None:
+    def on_step(step: int, terms: LossTerms) -> None:
         if step % every == 0 or step == cfg.steps:
             values = terms.as_floats()
             logger.info("step %d/%d: total %.4g (content %.4g, style %.4g)", step, cfg.steps,
                         values["total_loss"], values["content_loss"], values["style_loss"])
 
-    image = stylize_by_optimisation(content_image, criterion, cfg, on_step)
-    with torch.no_grad():
-        final = criterion(image, content_image).as_floats()
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(image))
+    final = stylize_file(Path(content.path), Path(style.path), Path(weights_path), weights_sha256,
+                         cfg, path, on_step)
     create_markdown_artifact(key="stylized-image", description=str(path), markdown="\n".join(
-        [f"# `{path.name}`", "", f"{cfg.steps} {cfg.optimizer} steps on a {tuple(image.shape[-2:])} "
-         f"image against `{style.source}`", "", "| loss | value |", "|---|---|",
-         *[f"| {k} | {v:.6g} |" for k, v in final.items()]]))
+        [f"# `{path.name}`", "", f"{cfg.steps} {cfg.optimizer} steps against `{style.source}`",
+         "", "| loss | value |", "|---|---|", *[f"| {k} | {v:.6g} |" for k, v in final.items()]]))
     return str(path)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from visionpipe.config import GatysConfig
+from visionpipe.style.images import load_image, png_bytes
 from visionpipe.style.loss import LossTerms, PerceptualLoss
+from visionpipe.style.train import perceptual_loss
+from visionpipe.training.loop import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +45,20 @@ def stylize_by_optimisation(content: torch.Tensor, criterion: PerceptualLoss, cf
         if on_step is not None and last:
             on_step(step, last[0])
     return image.detach()
+
+
+def stylize_file(content: Path, style: Path, weights_path: Path, weights_sha256: str | None,
+                 cfg: GatysConfig, output: Path,
+                 on_step: Callable[[int, LossTerms], None] | None = None) -> dict[str, float]:
+    """The ``stylize-image`` flow's work: ``content`` (its short side at ``cfg.image_size``)
+    optimised against ``style``, written to ``output`` as PNG; returns the final loss terms."""
+    device = pick_device(cfg.device)
+    content_image = load_image(content, cfg.image_size).to(device)
+    style_image = load_image(style, cfg.loss.style_size or cfg.image_size)
+    criterion = perceptual_loss(cfg.loss, style_image, weights_path, weights_sha256, device)
+    image = stylize_by_optimisation(content_image, criterion, cfg, on_step)
+    with torch.no_grad():
+        final = criterion(image, content_image).as_floats()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(png_bytes(image))
+    return final
