@@ -23,9 +23,9 @@ from visionpipe.config import FastPathConfig, StyleLossConfig, StyleTrainConfig
 from visionpipe.data import PreparedDataset
 from visionpipe.errors import CheckpointError
 from visionpipe.style.images import load_image, unit_range
-from visionpipe.style.loss import LossNetwork, PerceptualLoss, load_loss_network
+from visionpipe.style.loss import PerceptualLoss, load_loss_network
 from visionpipe.style.network import StyleSpec, TransformerNet, build_style_network
-from visionpipe.training.checkpoint import latest_checkpoint, rotate_and_save
+from visionpipe.training.checkpoint import latest_checkpoint, load_checkpoint, rotate_and_save
 from visionpipe.training.core import Shard, TrainingData, check_batch_size, epoch_callbacks, load_training_data
 from visionpipe.training.distributed import (
     DistContext,
@@ -94,14 +94,15 @@ def train_style(train: StyleTrainConfig, loss: StyleLossConfig, inputs: StyleInp
     torch.manual_seed(train.seed)  # the same initial network on every rank
     dataset = inputs.dataset
     check_batch_size(train.batch_size, dataset.split_counts["train"] // ctx.world_size)
-    fast = FastPathConfig(autocast_bf16=False, channels_last=False)
-    data = load_training_data(dataset, fast, ctx.device,
-                              resolve_fast_path(fast, ctx.device.type, distributed=ctx.distributed))
+    plain = FastPathConfig(autocast_bf16=False, channels_last=False)  # the loader: no autocast, no NHWC
+    data = load_training_data(dataset, plain, ctx.device,
+                              resolve_fast_path(plain, ctx.device.type, distributed=ctx.distributed))
     criterion = perceptual_loss(loss, style_image_tensor(inputs, loss), Path(inputs.loss_weights_path),
                                 inputs.loss_weights_sha256, ctx.device)
     spec = StyleSpec(style=inputs.style, style_sha256=inputs.style_sha256, channels=train.channels,
                      residual_blocks=train.residual_blocks, image_size=dataset.image_size,
                      loss_network=loss.network)
+    # The GPU fast path of the training step: bf16 autocast and channels-last.
     fast = ctx.device.type == "cuda" if train.autocast_bf16 is None else train.autocast_bf16
     net = build_style_network(spec).to(ctx.device)
     if fast:
@@ -190,18 +191,9 @@ def _validate(net: TransformerNet, criterion: PerceptualLoss, data: TrainingData
 
 def load_style_network(checkpoint: Path) -> tuple[TransformerNet, StyleSpec]:
     """A trained network (eval mode) and its spec from a checkpoint."""
-    from visionpipe.training.checkpoint import load_checkpoint
-
     state = load_checkpoint(checkpoint)
     spec = StyleSpec.model_validate_json(state["spec"])
     net = build_style_network(spec)
     net.load_state_dict(state["model"])
     return net.eval(), spec
 
-
-def loss_network_layers(loss: StyleLossConfig) -> list[str]:
-    return [loss.content_layer, *loss.style_layers]
-
-
-__all__ = ["LossNetwork", "StyleInputs", "StyleResult", "load_style_network", "perceptual_loss",
-           "train_style"]
