@@ -32,3 +32,23 @@ def test_same_seed_same_pixels_and_classes_differ(tmp_path: Path) -> None:
     pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in a]
     assert all(np.array_equal(x, np.asarray(Image.open(q), dtype=np.int16)) for x, q in zip(pixels, b))
     assert not np.array_equal(pixels[0], pixels[2])  # a disc is not a box
+
+
+def test_classes_by_name_draw_those_shapes(tmp_path: Path) -> None:
+    """Names give the folders and shapes of those names; the first n names are the same as n."""
+    import pytest
+
+    counted = make_photo_folder(tmp_path / "counted", classes=2, per_class=2, specials=False, seed=4)
+    named = make_photo_folder(tmp_path / "named", classes=["disc", "box"], per_class=2,
+                              specials=False, seed=4)
+    assert [p.relative_to(tmp_path / "named") for p in named] == \
+        [p.relative_to(tmp_path / "counted") for p in counted]
+    assert all(np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(q)))
+               for p, q in zip(counted, named, strict=True))
+    # The same draws (place, size, colours) as the first disc, but a box where the disc was.
+    (box,) = make_photo_folder(tmp_path / "box", classes=["box"], per_class=1, specials=False,
+                               seed=4)
+    assert box.parent.name == "box"
+    assert not np.array_equal(np.asarray(Image.open(box)), np.asarray(Image.open(counted[0])))
+    with pytest.raises(ValueError, match="distinct names among disc, box"):
+        make_photo_folder(tmp_path / "bad", classes=["disc", "hexagon"], per_class=1)

@@ -31,7 +31,7 @@ ROTATE_90_CW = 6  # EXIF: the stored pixels must turn 90 degrees clockwise to st
 
 def make_photo_folder(
     root: Path,
-    classes: int = 6,
+    classes: int | Sequence[str] = 6,
     per_class: int = 100,
     sizes: Sequence[tuple[int, int]] = PHOTO_SIZES,
     large_every: int = 0,
@@ -41,26 +41,38 @@ def make_photo_folder(
 ) -> list[Path]:
     """Write ``classes`` x ``per_class`` images under ``root/<class>/``; return their paths.
 
+    ``classes`` is a number (the first that many of ``CLASS_NAMES``) or the names to draw.
     Sizes cycle through ``sizes`` (width, height); with ``large_every`` every n-th image is
     1024 x 768 instead. With ``specials`` the first four images of the first class are a PNG,
     a grayscale JPEG, a CMYK JPEG and an EXIF-rotated JPEG.
     """
-    if not 1 <= classes <= len(CLASS_NAMES):
-        raise ValueError(f"classes must be 1 to {len(CLASS_NAMES)}, got {classes}")
+    names = _class_names(classes)
     rng = np.random.default_rng(seed)
     paths = []
-    for label, name in enumerate(CLASS_NAMES[:classes]):
+    for label, name in enumerate(names):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(per_class):
             number = label * per_class + index
             size = LARGE_SIZE if large_every and number % large_every == large_every - 1 \
                 else sizes[number % len(sizes)]
-            image = draw_photo(label, size, rng)
+            image = draw_photo(CLASS_NAMES.index(name), size, rng)
             kind = _SPECIALS[index] if specials and label == 0 and index < len(_SPECIALS) else "jpeg"
             paths.append(_save(image, folder / f"{name}_{index:04d}", kind,
                                int(rng.integers(quality[0], quality[1] + 1))))
     return paths
+
+
+def _class_names(classes: int | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(classes, int):
+        if not 1 <= classes <= len(CLASS_NAMES):
+            raise ValueError(f"classes must be 1 to {len(CLASS_NAMES)}, got {classes}")
+        return CLASS_NAMES[:classes]
+    unknown = [name for name in classes if name not in CLASS_NAMES]
+    if unknown or not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be distinct names among {', '.join(CLASS_NAMES)}; "
+                         f"got {list(classes)}")
+    return tuple(classes)
 
 
 def draw_photo(label: int, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
@@ -161,13 +173,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m visionpipe.data.synthetic",
                                      description="Write a photo-like ImageFolder.")
     parser.add_argument("root", type=Path)
-    parser.add_argument("--classes", type=int, default=6)
+    parser.add_argument("--classes", default="6",
+                        help=f"a number, or names separated by commas among {','.join(CLASS_NAMES)}")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--large-every", type=int, default=0,
                         help="every n-th image 1024 x 768 (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    paths = make_photo_folder(args.root, args.classes, args.per_class,
+    classes = int(args.classes) if args.classes.isdigit() else args.classes.split(",")
+    paths = make_photo_folder(args.root, classes, args.per_class,
                               large_every=args.large_every, seed=args.seed)
     print(f"{len(paths)} images in {args.root}")
     return 0
