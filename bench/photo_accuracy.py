@@ -2,6 +2,8 @@
 
     python bench/photo_accuracy.py            # the benchmark (`make bench`), minutes on 2 cores
     python bench/photo_accuracy.py --smoke    # tiny sizes: checks that it works, figures mean nothing
+    python bench/photo_accuracy.py --classes disc,stripes --per-class 300 --epochs 10 \
+        --arch resnet18 --batch-size 16              # another folder and budget (docs/photo-accuracy.md)
 
 One folder from ``visionpipe.data.synthetic.make_photo_folder`` (one seed), prepared at 64 px.
 The plain baseline is what a user writes with torchvision alone: ResNet-18 from scratch, AdamW
@@ -48,9 +50,10 @@ SMOKE = {"per_class": 12, "plain_epochs": 1,
          "googlenet": {"epochs": 1, "batch_size": 16}}
 
 
-def photo_dataset(root: Path, per_class: int, seed: int = 0, image_size: int = 64) -> PreparedDataset:
+def photo_dataset(root: Path, per_class: int, seed: int = 0, image_size: int = 64,
+                  classes: int | list[str] = 6) -> PreparedDataset:
     """The benchmark's folder: 6 classes of 320 x 240 / 240 x 320 JPEGs, every 8th 1024 x 768."""
-    make_photo_folder(root, classes=6, per_class=per_class, sizes=((320, 240), (240, 320)),
+    make_photo_folder(root, classes=classes, per_class=per_class, sizes=((320, 240), (240, 320)),
                       large_every=8, seed=seed)
     return prepare_dataset(DataConfig(source=str(root), image_size=image_size))
 
@@ -110,15 +113,38 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def run(smoke: bool = False, seed: int = 0) -> dict[str, Any]:
+def sized(smoke: bool, args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """The sizes of a run: FULL or SMOKE, with the command line's changes to the folder and budget."""
+    sizes: dict[str, Any] = json.loads(json.dumps(SMOKE if smoke else FULL))  # a deep copy
+    if args is None:
+        return sizes
+    if args.per_class:
+        sizes["per_class"] = args.per_class
+    if args.epochs:
+        sizes["plain_epochs"] = sizes["googlenet"]["epochs"] = args.epochs
+        for phase in sizes["finetune"].get("phases", []):
+            phase["epochs"] = args.epochs
+    if args.arch:
+        sizes["finetune"]["arch"] = args.arch
+    if args.batch_size:
+        sizes["plain_batch_size"] = args.batch_size
+        sizes["finetune"]["batch_size"] = sizes["googlenet"]["batch_size"] = args.batch_size
+    return sizes
+
+
+def run(smoke: bool = False, seed: int = 0, sizes: dict[str, Any] | None = None,
+        classes: int | list[str] = 6, image_size: int = 64) -> dict[str, Any]:
     """Train all three on one generated folder; test top-1 each and ours over the plain one."""
-    sizes: dict[str, Any] = SMOKE if smoke else FULL
+    sizes = sizes or sized(smoke)
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="photo-bench-") as tmp:
         work = Path(tmp)
-        dataset = photo_dataset(work / "photos", sizes["per_class"], seed)
+        dataset = photo_dataset(work / "photos", sizes["per_class"], seed, image_size, classes)
+        figures["photo_classes"] = dataset.num_classes
+        figures["photo_epochs"] = sizes["plain_epochs"]
         start = time.perf_counter()
-        figures["photo_top1_plain"] = plain_top1(dataset, sizes["plain_epochs"], seed=seed)
+        figures["photo_top1_plain"] = plain_top1(dataset, sizes["plain_epochs"],
+                                                 sizes.get("plain_batch_size", 64), seed)
         figures["photo_plain_seconds"] = time.perf_counter() - start
         ft = FinetuneConfig.model_validate({**sizes["finetune"], "device": "cpu"})
         start = time.perf_counter()
@@ -137,8 +163,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that it runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", default="6", help="a number, or names: disc,stripes")
+    parser.add_argument("--per-class", type=int, help="images a class (100)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, help="epochs of all three (20)")
+    parser.add_argument("--arch", help="the fine-tune's backbone (resnet50)")
+    parser.add_argument("--batch-size", type=int, help="of all three (64, 64, 32)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.smoke, args.seed)))
+    classes = int(args.classes) if args.classes.isdigit() else args.classes.split(",")
+    print(json.dumps(run(args.smoke, args.seed, sized(args.smoke, args), classes, args.image_size)))
     return 0
 
 

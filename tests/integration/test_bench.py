@@ -36,7 +36,9 @@ def test_photo_loader_benchmark_smoke_reports_every_ratio() -> None:
 
 
 def test_photo_accuracy_benchmark_smoke_reports_every_figure() -> None:
-    figures = _last_json([sys.executable, "bench/photo_accuracy.py", "--smoke"])
+    figures = _last_json([sys.executable, "bench/photo_accuracy.py", "--smoke",
+                          "--classes", "disc,stripes", "--epochs", "2"])
+    assert figures["photo_classes"] == 2 and figures["photo_epochs"] == 2, figures
     for name in ("plain", "finetune", "googlenet"):
         assert 0 <= figures[f"photo_top1_{name}"] <= 1 and figures[f"photo_{name}_seconds"] > 0
     ours = min(figures["photo_top1_finetune"], figures["photo_top1_googlenet"])
