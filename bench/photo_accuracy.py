@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 
 from visionpipe.config import DataConfig, FinetuneConfig, GoogLeNetConfig
 from visionpipe.data import PreparedDataset, load_split, prepare_dataset
-from visionpipe.data.synthetic import make_photo_folder
+from visionpipe.data.synthetic import classes_arg, make_photo_folder
 from visionpipe.evaluation import evaluate_checkpoint
 from visionpipe.training.distributed import distributed
 from visionpipe.training.finetune import finetune
@@ -52,7 +52,7 @@ SMOKE = {"per_class": 12, "plain_epochs": 1,
 
 def photo_dataset(root: Path, per_class: int, seed: int = 0, image_size: int = 64,
                   classes: int | list[str] = 6) -> PreparedDataset:
-    """The benchmark's folder: 6 classes of 320 x 240 / 240 x 320 JPEGs, every 8th 1024 x 768."""
+    """The benchmark's folder: ``classes`` (6) of 320 x 240 / 240 x 320 JPEGs, every 8th 1024 x 768."""
     make_photo_folder(root, classes=classes, per_class=per_class, sizes=((320, 240), (240, 320)),
                       large_every=8, seed=seed)
     return prepare_dataset(DataConfig(source=str(root), image_size=image_size))
@@ -163,15 +163,17 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that it runs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--classes", default="6", help="a number, or names: disc,stripes")
+    parser.add_argument("--classes", type=classes_arg, default=6,
+                        help="a number, or names: disc,stripes")
     parser.add_argument("--per-class", type=int, help="images a class (100)")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, help="epochs of all three (20)")
+    parser.add_argument("--epochs", type=int, help="epochs of all three (20; with --smoke, not "
+                        "the fine-tune's: it keeps its default phases)")
     parser.add_argument("--arch", help="the fine-tune's backbone (resnet50)")
     parser.add_argument("--batch-size", type=int, help="of all three (64, 64, 32)")
     args = parser.parse_args(argv)
-    classes = int(args.classes) if args.classes.isdigit() else args.classes.split(",")
-    print(json.dumps(run(args.smoke, args.seed, sized(args.smoke, args), classes, args.image_size)))
+    print(json.dumps(run(args.smoke, args.seed, sized(args.smoke, args), args.classes,
+                         args.image_size)))
     return 0
 
 

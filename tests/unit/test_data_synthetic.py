@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from visionpipe.data.synthetic import CLASS_NAMES, make_photo_folder
+from visionpipe.data.synthetic import CLASS_NAMES, main, make_photo_folder
 
 
 def test_folder_holds_each_kind_of_file(tmp_path: Path) -> None:
@@ -52,3 +52,8 @@ def test_classes_by_name_draw_those_shapes(tmp_path: Path) -> None:
     assert not np.array_equal(np.asarray(Image.open(box)), np.asarray(Image.open(counted[0])))
     with pytest.raises(ValueError, match="distinct names among disc, box"):
         make_photo_folder(tmp_path / "bad", classes=["disc", "hexagon"], per_class=1)
+    # The command line takes either.
+    assert main([str(tmp_path / "cli"), "--classes", "ring,box", "--per-class", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["box", "ring"]
+    assert main([str(tmp_path / "cli3"), "--classes", "3", "--per-class", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli3").iterdir()) == sorted(CLASS_NAMES[:3])

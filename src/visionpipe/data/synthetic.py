@@ -75,6 +75,11 @@ def _class_names(classes: int | Sequence[str]) -> tuple[str, ...]:
     return tuple(classes)
 
 
+def classes_arg(text: str) -> int | list[str]:
+    """A command line's ``--classes``: a number, or names separated by commas."""
+    return int(text) if text.isdigit() else text.split(",")
+
+
 def draw_photo(label: int, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
     """One RGB picture of class ``label`` at ``size`` (width, height)."""
     width, height = size
@@ -173,15 +178,14 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m visionpipe.data.synthetic",
                                      description="Write a photo-like ImageFolder.")
     parser.add_argument("root", type=Path)
-    parser.add_argument("--classes", default="6",
+    parser.add_argument("--classes", type=classes_arg, default=6,
                         help=f"a number, or names separated by commas among {','.join(CLASS_NAMES)}")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--large-every", type=int, default=0,
                         help="every n-th image 1024 x 768 (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    classes = int(args.classes) if args.classes.isdigit() else args.classes.split(",")
-    paths = make_photo_folder(args.root, classes, args.per_class,
+    paths = make_photo_folder(args.root, args.classes, args.per_class,
                               large_every=args.large_every, seed=args.seed)
     print(f"{len(paths)} images in {args.root}")
     return 0
