@@ -5,7 +5,7 @@ The folder is two classes of the generator's shapes (discs and stripes, colours 
 class as 320 x 240 and 240 x 320 JPEGs, at 64 px: the photo recipe. Offline there are no
 pretrained weights, so both candidates start from random weights; on the generator's six
 classes at 65 training images a class every model from scratch, a plain torchvision loop
-included, memorises the training split and scores near chance on held-out images
+included, fits the training split and scores little above chance on held-out images
 (docs/photo-accuracy.md). At 195 training images a class the shapes are learnable in ten
 epochs: this is the size at which a broken recipe (labels, crops, normalisation, rates,
 train/serve skew) shows as chance, and a sound one does not.
