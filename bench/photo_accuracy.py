@@ -17,6 +17,7 @@ the plain loop. Everyone is scored on the same test split; the last line is one 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -115,7 +116,7 @@ def _mkdir(path: Path) -> Path:
 
 def sized(smoke: bool, args: argparse.Namespace | None = None) -> dict[str, Any]:
     """The sizes of a run: FULL or SMOKE, with the command line's changes to the folder and budget."""
-    sizes: dict[str, Any] = json.loads(json.dumps(SMOKE if smoke else FULL))  # a deep copy
+    sizes: dict[str, Any] = copy.deepcopy(SMOKE if smoke else FULL)
     if args is None:
         return sizes
     if args.per_class:
